@@ -1,0 +1,381 @@
+"""LLMEngine: requests in, one scheduled model step at a time, RequestOutputs out.
+
+    add_request -> SequenceGroup -> scheduler.waiting
+    step():  scheduler.schedule() -> executor.execute_model() -> _process_outputs()
+             (append tokens, detokenize, check stops) -> free finished blocks
+"""
+import itertools
+import time
+from collections.abc import Iterable
+from typing import TypedDict
+
+import torch
+
+from vllm.config import VllmConfig
+from vllm.core.block_manager import BlockManager
+from vllm.core.scheduler import ScheduledSequenceGroup, Scheduler
+from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.stop_checker import StopChecker
+from vllm.executor.uniproc_executor import UniProcExecutor
+from vllm.logger import init_logger
+from vllm.model_executor.layers.sampler import LogprobsTensors
+from vllm.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.sequence import ScheduledSequence, Sequence, SequenceGroup
+from vllm.transformers_utils.config import get_generation_config
+from vllm.transformers_utils.detokenizer import IncrementalDetokenizer
+from vllm.transformers_utils.tokenizer import (AnyTokenizer, encode_prompt,
+                                               get_tokenizer)
+from vllm.worker.model_runner import ModelRunnerOutput
+
+logger = init_logger(__name__)
+
+
+class TextPrompt(TypedDict):
+    prompt: str
+
+
+class TokensPrompt(TypedDict, total=False):
+    prompt_token_ids: list[int]
+    prompt: str  # optional: the text the ids came from, echoed in outputs
+
+
+PromptType = str | TextPrompt | TokensPrompt
+
+
+class LLMEngine:
+
+    def __init__(self, vllm_config: VllmConfig) -> None:
+        self.vllm_config = vllm_config
+        self.model_config = model_config = vllm_config.model_config
+        logger.info(
+            "Initializing engine: model=%r, dtype=%s, max_model_len=%d, "
+            "device=%s, block_size=%d", model_config.model, model_config.dtype,
+            model_config.max_model_len, vllm_config.device_config.device,
+            vllm_config.cache_config.block_size)
+        self.tokenizer: AnyTokenizer | None = None
+        if not model_config.skip_tokenizer_init:
+            self.tokenizer = get_tokenizer(
+                model_config.tokenizer,
+                revision=model_config.tokenizer_revision)
+        self.generation_config = get_generation_config(model_config.model,
+                                                       model_config.revision)
+        self.executor = UniProcExecutor(vllm_config)
+        self.scheduler = Scheduler(
+            vllm_config.scheduler_config,
+            BlockManager(vllm_config.cache_config.block_size,
+                         self.executor.num_gpu_blocks))
+        self.stop_checker = StopChecker(model_config.max_model_len,
+                                        self._eos_token_ids())
+        self.seq_groups: dict[str, SequenceGroup] = {}
+        self._seq_counter = itertools.count()
+        # DELTA outputs: (tokens, characters) already returned per sequence.
+        self._returned: dict[int, tuple[int, int]] = {}
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+        return cls(engine_args.create_engine_config())
+
+    def get_tokenizer(self) -> AnyTokenizer:
+        if self.tokenizer is None:
+            raise ValueError("The tokenizer was not initialised "
+                             "(skip_tokenizer_init=True).")
+        return self.tokenizer
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.generation_config.get("eos_token_id"),
+                       getattr(self.model_config.hf_config, "eos_token_id",
+                               None),
+                       self.tokenizer.eos_token_id if self.tokenizer else None):
+            if source is None:
+                continue
+            ids.update(source if isinstance(source, list) else [source])
+        return ids
+
+    # ------------------------------------------------------------ requests
+    def preprocess_prompt(self, prompt: PromptType,
+                          request_id: str) -> TokensPrompt:
+        """Tokenize and validate one prompt; ValueError names what is wrong."""
+        if isinstance(prompt, str):
+            prompt = TextPrompt(prompt=prompt)
+        if not isinstance(prompt, dict) or not ("prompt" in prompt or
+                                                "prompt_token_ids" in prompt):
+            raise ValueError(
+                f"Prompt of request {request_id} must be a str, "
+                "{'prompt': str} or {'prompt_token_ids': [...]}, got "
+                f"{type(prompt).__name__}.")
+        text = prompt.get("prompt")
+        if "prompt_token_ids" in prompt:
+            token_ids = list(prompt["prompt_token_ids"])  # type: ignore
+        else:
+            assert text is not None
+            token_ids = encode_prompt(self.get_tokenizer(), text)
+        shown = repr(text[:40]) if text is not None else repr(token_ids[:8])
+        if not token_ids or text == "":
+            raise ValueError(f"The prompt of request {request_id} ({shown}) "
+                             "is empty.")
+        max_len = self.model_config.max_model_len
+        if len(token_ids) > max_len:
+            raise ValueError(
+                f"The prompt of request {request_id} ({shown}) is "
+                f"{len(token_ids)} tokens long, longer than the maximum model "
+                f"length of {max_len}. Shorten it or raise max_model_len.")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"The prompt of request {request_id} ({shown}) "
+                             f"has token ids outside the vocabulary "
+                             f"[0, {vocab}): {bad[:10]}.")
+        out = TokensPrompt(prompt_token_ids=token_ids)
+        if text is not None:
+            out["prompt"] = text
+        return out
+
+    def _validate_params(self, params: SamplingParams) -> None:
+        """Engine-time checks of vLLM, plus features not built yet."""
+        max_logprobs = self.model_config.max_logprobs
+        if params.logprobs is not None and max_logprobs != -1 and (
+                params.logprobs == -1 or params.logprobs > max_logprobs):
+            raise ValueError(
+                f"Requested sample logprobs of {params.logprobs}, which is "
+                f"greater than max allowed: {max_logprobs}.")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids or () if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})."
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("Stop strings need a tokenizer "
+                             "(skip_tokenizer_init=True was given).")
+        not_yet = {
+            "presence_penalty": params.presence_penalty != 0.0,
+            "frequency_penalty": params.frequency_penalty != 0.0,
+            "repetition_penalty": params.repetition_penalty != 1.0,
+            "logit_bias": bool(params.logit_bias),
+            "allowed_token_ids": params.allowed_token_ids is not None,
+            "bad_words": bool(params.bad_words),
+            "prompt_logprobs": params.prompt_logprobs is not None,
+            "truncate_prompt_tokens": params.truncate_prompt_tokens is not None,
+        }
+        for name, used in not_yet.items():
+            if used:
+                raise ValueError(
+                    f"SamplingParams.{name} is not supported by this engine "
+                    "yet; leave it at its default.")
+
+    def add_request(self,
+                    request_id: str,
+                    prompt: PromptType,
+                    params: SamplingParams,
+                    arrival_time: float | None = None,
+                    priority: int = 0) -> None:
+        """Queue a request. Raises ValueError (and queues nothing) on bad input."""
+        if request_id in self.seq_groups:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        if priority != 0:
+            raise ValueError("Priority scheduling is not enabled "
+                             f"(request {request_id} has priority {priority}).")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"Request {request_id}: expected SamplingParams, "
+                             f"got {type(params).__name__}.")
+        tokens_prompt = self.preprocess_prompt(prompt, request_id)
+        self._validate_params(params)
+        params = params.clone()
+        params.update_from_generation_config(
+            self.generation_config,
+            getattr(self.model_config.hf_config, "eos_token_id", None))
+        prompt_ids = tokens_prompt["prompt_token_ids"]
+        seqs = [
+            Sequence(next(self._seq_counter), prompt_ids,
+                     self._make_detokenizer(prompt_ids, params))
+            for _ in range(params.n)
+        ]
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(
+                device=self.vllm_config.device_config.device)
+            generator.manual_seed(params.seed)
+        seq_group = SequenceGroup(request_id,
+                                  seqs,
+                                  params,
+                                  prompt=tokens_prompt.get("prompt"),
+                                  arrival_time=arrival_time,
+                                  priority=priority,
+                                  generator=generator)
+        self.seq_groups[request_id] = seq_group
+        self.scheduler.add_seq_group(seq_group)
+
+    def _make_detokenizer(
+            self, prompt_ids: list[int],
+            params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None or not params.detokenize:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                      params.skip_special_tokens,
+                                      params.spaces_between_special_tokens)
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests wherever they are; their blocks are freed at once."""
+        ids = {request_id} if isinstance(request_id, str) else set(request_id)
+        for seq_group in self.scheduler.abort_seq_group(ids):
+            self._forget(seq_group)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_seqs()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.scheduler.get_num_unfinished_seq_groups()
+
+    # ---------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return outputs of the requests it advanced."""
+        sched = self.scheduler.schedule()
+        outputs = [self._finish(g) for g in sched.ignored_seq_groups]
+        if sched.is_empty:
+            return outputs
+        scheduled = [
+            self._to_scheduled_sequence(seq, sg)
+            for sg in sched.scheduled_seq_groups
+            for seq in sg.seq_group.get_unfinished_seqs()
+        ]
+        result = self.executor.execute_model(scheduled)
+        self._process_outputs(sched.scheduled_seq_groups, result)
+        self.scheduler.free_finished_seq_groups()
+        for sg in sched.scheduled_seq_groups:
+            output = self._make_output(sg.seq_group)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    @staticmethod
+    def _to_scheduled_sequence(seq: Sequence,
+                               sg: ScheduledSequenceGroup) -> ScheduledSequence:
+        chunk = sg.token_chunk_size
+        group = sg.seq_group
+        return ScheduledSequence(seq_id=seq.seq_id,
+                                 token_ids=seq.uncomputed_token_ids(chunk),
+                                 num_computed_tokens=seq.num_computed_tokens,
+                                 block_table=seq.block_table,
+                                 do_sample=seq.num_computed_tokens +
+                                 chunk == seq.num_tokens,
+                                 sampling_params=group.sampling_params,
+                                 generator=group.generator,
+                                 prompt_token_ids=seq.prompt_token_ids,
+                                 output_token_ids=seq.output_token_ids)
+
+    def _process_outputs(self, scheduled: list[ScheduledSequenceGroup],
+                         result: ModelRunnerOutput) -> None:
+        """The one place where request state advances after a step."""
+        now = time.time()
+        row_of = {seq_id: i for i, seq_id in enumerate(result.seq_ids)}
+        for sg in scheduled:
+            group = sg.seq_group
+            params = group.sampling_params
+            if group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = now
+            for seq in group.get_unfinished_seqs():
+                seq.num_computed_tokens += sg.token_chunk_size
+                row = row_of.get(seq.seq_id)
+                if row is None:
+                    continue  # a prompt chunk that is not the last one
+                token_id = result.sampled_token_ids[row]
+                logprobs = None
+                if params.logprobs is not None and result.logprobs is not None:
+                    logprobs = self._logprobs_of_row(result.logprobs, row,
+                                                     params.logprobs)
+                seq.append_token(token_id, logprobs)
+                stopped = self.stop_checker.check_stop_token(seq, params)
+                new_chars = 0
+                if seq.detokenizer is not None and (
+                        not stopped or params.include_stop_str_in_output):
+                    new_text = seq.detokenizer.append([token_id])
+                    seq.output_text += new_text
+                    new_chars = len(new_text)
+                if not stopped:
+                    self.stop_checker.check_stop_text_and_length(
+                        seq, new_chars, params)
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+            group.metrics.last_token_time = now
+
+    def _logprobs_of_row(self, tensors: LogprobsTensors, row: int,
+                         num_logprobs: int) -> dict[int, Logprob]:
+        """The sampled token and the top ``num_logprobs`` tokens of one row."""
+        ids = tensors.logprob_token_ids[row].tolist()
+        values = tensors.logprobs[row].tolist()
+        if num_logprobs == -1:
+            num_logprobs = len(ids) - 1
+        result = {
+            ids[0]:
+            Logprob(values[0], int(tensors.selected_token_ranks[row]),
+                    self._decode_token(ids[0]))
+        }
+        for rank in range(1, num_logprobs + 1):
+            result.setdefault(
+                ids[rank],
+                Logprob(values[rank], rank, self._decode_token(ids[rank])))
+        return result
+
+    def _decode_token(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return str(self.tokenizer.decode([token_id]))
+
+    # ------------------------------------------------------------- outputs
+    def _finish(self, seq_group: SequenceGroup) -> RequestOutput:
+        output = self._make_output(seq_group)
+        assert output is not None
+        return output
+
+    def _make_output(self, seq_group: SequenceGroup) -> RequestOutput | None:
+        finished = seq_group.is_finished()
+        params = seq_group.sampling_params
+        kind = params.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        if finished:
+            seq_group.metrics.finished_time = time.time()
+        completions = [
+            self._completion(i, seq, params, kind)
+            for i, seq in enumerate(seq_group.seqs)
+        ]
+        if finished:
+            self._forget(seq_group)
+        return RequestOutput(request_id=seq_group.request_id,
+                             prompt=seq_group.prompt,
+                             prompt_token_ids=seq_group.prompt_token_ids,
+                             prompt_logprobs=None,
+                             outputs=completions,
+                             finished=finished,
+                             metrics=seq_group.metrics)
+
+    def _completion(self, index: int, seq: Sequence, params: SamplingParams,
+                    kind: RequestOutputKind) -> CompletionOutput:
+        text = seq.output_text
+        if not seq.is_finished and params.output_text_buffer_length:
+            # Hold back what may still become the start of a stop string.
+            text = text[:max(0, len(text) - params.output_text_buffer_length)]
+        token_ids = seq.output_token_ids
+        logprobs = seq.output_logprobs if params.logprobs is not None else None
+        if kind == RequestOutputKind.DELTA:
+            num_tokens, num_chars = self._returned.get(seq.seq_id, (0, 0))
+            self._returned[seq.seq_id] = (len(token_ids), len(text))
+            text, token_ids = text[num_chars:], token_ids[num_tokens:]
+            if logprobs is not None:
+                logprobs = logprobs[num_tokens:]
+        return CompletionOutput(
+            index=index,
+            text=text,
+            token_ids=list(token_ids),
+            cumulative_logprob=(seq.cumulative_logprob
+                                if logprobs is not None else None),
+            logprobs=logprobs,
+            finish_reason=seq.status.finish_reason,
+            stop_reason=seq.stop_reason)
+
+    def _forget(self, seq_group: SequenceGroup) -> None:
+        self.seq_groups.pop(seq_group.request_id, None)
+        for seq in seq_group.seqs:
+            self._returned.pop(seq.seq_id, None)

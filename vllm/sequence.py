@@ -1,0 +1,164 @@
+"""Request state: a ``SequenceGroup`` (one request) holds ``n`` ``Sequence``s.
+
+The engine advances this state in one place (``LLMEngine._process_outputs``); the
+scheduler and block manager only read it and move sequences between queues.
+"""
+import enum
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vllm.outputs import Logprob, RequestMetrics, SampleLogprobs
+from vllm.sampling_params import SamplingParams
+from vllm.transformers_utils.detokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH_CAPPED = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Sequence:
+    """One generated sequence: its tokens, its KV blocks and how far it is computed."""
+
+    def __init__(self,
+                 seq_id: int,
+                 prompt_token_ids: list[int],
+                 detokenizer: IncrementalDetokenizer | None = None) -> None:
+        self.seq_id = seq_id
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.status = SequenceStatus.WAITING
+        # Physical KV-cache blocks, owned by the block manager.
+        self.block_table: list[int] = []
+        # Tokens whose K/V are in the cache; the rest are computed next.
+        self.num_computed_tokens = 0
+        self.detokenizer = detokenizer
+        self.output_text = ""
+        self.output_logprobs: SampleLogprobs = []
+        self.cumulative_logprob = 0.0
+        self.stop_reason: int | str | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def uncomputed_token_ids(self, num_tokens: int) -> list[int]:
+        """The next ``num_tokens`` tokens whose K/V are not yet cached."""
+        start, end = self.num_computed_tokens, self.num_computed_tokens + num_tokens
+        num_prompt = self.num_prompt_tokens
+        if start >= num_prompt:  # decode: avoid copying the whole sequence
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
+        return self.token_ids[start:end]
+
+    def append_token(self, token_id: int,
+                     logprobs: dict[int, Logprob] | None) -> None:
+        self.output_token_ids.append(token_id)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs[token_id].logprob
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: the cache is gone, everything is computed again."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.status = SequenceStatus.WAITING
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, status={self.status.name}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens})")
+
+
+class SequenceGroup:
+    """One request: its prompt, sampling parameters and ``n`` sequences."""
+
+    def __init__(self,
+                 request_id: str,
+                 seqs: list[Sequence],
+                 sampling_params: SamplingParams,
+                 prompt: str | None = None,
+                 arrival_time: float | None = None,
+                 priority: int = 0,
+                 generator: torch.Generator | None = None) -> None:
+        self.request_id = request_id
+        self.seqs = seqs
+        self.sampling_params = sampling_params
+        self.prompt = prompt
+        self.priority = priority
+        self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
+        # Set when the request has a seed: its samples depend on it alone.
+        self.generator = generator
+
+    @property
+    def arrival_time(self) -> float:
+        return self.metrics.arrival_time
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.seqs[0].prompt_token_ids
+
+    def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
+        if status is None:
+            return self.seqs
+        return [seq for seq in self.seqs if seq.status == status]
+
+    def get_unfinished_seqs(self) -> list[Sequence]:
+        return [seq for seq in self.seqs if not seq.is_finished]
+
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+    def __repr__(self) -> str:
+        return (f"SequenceGroup(request_id={self.request_id}, "
+                f"seqs={len(self.seqs)}, priority={self.priority})")
+
+
+@dataclass
+class ScheduledSequence:
+    """What the model runner needs to run one sequence for one step."""
+    seq_id: int
+    token_ids: list[int]  # the tokens computed this step (a prefill chunk or 1)
+    num_computed_tokens: int  # tokens already in the cache before this step
+    block_table: list[int]
+    # Sample a token after this step: the chunk reaches the sequence's end.
+    do_sample: bool
+    sampling_params: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]

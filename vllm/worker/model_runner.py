@@ -1,0 +1,169 @@
+"""Turns scheduled sequences into one flattened batch, runs the model and samples.
+
+Per step: the host builds small per-sequence arrays (one copy each to the device);
+positions and cache slots are derived on the device; the only device-to-host copy is
+the sampled token ids (and their logprobs when asked for).
+"""
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vllm.attention import Attention, AttentionMetadata
+from vllm.config import VllmConfig
+from vllm.forward_context import set_forward_context
+from vllm.model_executor.layers.sampler import LogprobsTensors, Sampler
+from vllm.model_executor.model_loader import get_model
+from vllm.model_executor.sampling_metadata import SamplingMetadata
+from vllm.sampling_params import SamplingParams
+from vllm.sequence import ScheduledSequence
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Sampled tokens, one row per sequence that sampled, on the host."""
+    seq_ids: list[int]
+    sampled_token_ids: list[int]
+    logprobs: LogprobsTensors | None  # CPU tensors, rows as seq_ids
+
+
+class ModelRunner:
+
+    def __init__(self, vllm_config: VllmConfig) -> None:
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.block_size = vllm_config.cache_config.block_size
+        self.device = vllm_config.device_config.device
+        self.pin_memory = self.device.type == "cuda"
+        self.sampler = Sampler()
+        # forward(input_ids, positions) and compute_logits(hidden_states)
+        self.model: Any
+
+    def load_model(self) -> None:
+        self.model = get_model(self.model_config,
+                               self.vllm_config.device_config)
+
+    def attention_layers(self) -> list[Attention]:
+        return [m for m in self.model.modules() if isinstance(m, Attention)]
+
+    def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        for layer, cache in zip(self.attention_layers(), kv_caches,
+                                strict=True):
+            layer.kv_cache = cache
+
+    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype, pin_memory=self.pin_memory)
+        return t.to(self.device, non_blocking=True)
+
+    def _build_metadata(
+        self, query_lens: list[int], num_computed: list[int],
+        block_tables: list[list[int]]
+    ) -> tuple[AttentionMetadata, torch.Tensor]:
+        """The batch's attention metadata and the tokens' positions [T]."""
+        num_seqs = len(query_lens)
+        num_tokens = sum(query_lens)
+        seq_lens = [c + q for c, q in zip(num_computed, query_lens)]
+        max_blocks = max(1, max(len(bt) for bt in block_tables))
+        padded = [bt + [0] * (max_blocks - len(bt)) for bt in block_tables]
+        query_start_loc = [0] * (num_seqs + 1)
+        for i, q in enumerate(query_lens):
+            query_start_loc[i + 1] = query_start_loc[i] + q
+
+        qsl = self._to_device(query_start_loc, torch.int32)
+        computed = self._to_device(num_computed, torch.int64)
+        tables = self._to_device(padded, torch.int32)
+        q_lens = self._to_device(query_lens, torch.int64)
+        # token -> its sequence, and its absolute position in that sequence
+        seq_idx = torch.repeat_interleave(torch.arange(num_seqs,
+                                                       device=self.device),
+                                          q_lens,
+                                          output_size=num_tokens)
+        offsets = torch.arange(num_tokens, device=self.device) - qsl[seq_idx]
+        positions = computed[seq_idx] + offsets
+        slots = (tables[seq_idx, positions // self.block_size].long() *
+                 self.block_size + positions % self.block_size)
+        return AttentionMetadata(
+            num_actual_tokens=num_tokens,
+            num_decodes=sum(1 for q in query_lens if q == 1),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_start_loc=qsl,
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            block_tables=tables,
+            slot_mapping=slots), positions
+
+    @torch.inference_mode()
+    def execute_model(self,
+                      scheduled: list[ScheduledSequence]) -> ModelRunnerOutput:
+        # NOTE: the attention backend needs decodes (one query token) first.
+        seqs = sorted(scheduled, key=lambda s: len(s.token_ids) > 1)
+        input_ids = [t for s in seqs for t in s.token_ids]
+        query_lens = [len(s.token_ids) for s in seqs]
+        attn_metadata, positions = self._build_metadata(
+            query_lens, [s.num_computed_tokens for s in seqs],
+            [s.block_table for s in seqs])
+
+        # The last token of each sequence that samples gives the logits.
+        sample_rows = [i for i, s in enumerate(seqs) if s.do_sample]
+        ends = attn_metadata.query_start_loc[1:]
+        logits_indices = ends[self._to_device(sample_rows, torch.int64)] - 1
+
+        with set_forward_context(attn_metadata):
+            hidden_states = self.model(self._to_device(input_ids, torch.int64),
+                                       positions)
+        if not sample_rows:
+            return ModelRunnerOutput([], [], None)
+        logits = self.model.compute_logits(hidden_states[logits_indices])
+        sampling_seqs = [seqs[i] for i in sample_rows]
+        metadata = SamplingMetadata.prepare(
+            [s.sampling_params
+             for s in sampling_seqs], [s.generator for s in sampling_seqs],
+            [s.output_token_ids for s in sampling_seqs],
+            [s.prompt_token_ids for s in sampling_seqs],
+            vocab_size=logits.shape[-1],
+            device=self.device)
+        out = self.sampler(logits, metadata)
+        # The one device -> host copy of the step.
+        sampled = out.sampled_token_ids.tolist()
+        logprobs = None
+        if out.logprobs_tensors is not None:
+            lp = out.logprobs_tensors
+            logprobs = LogprobsTensors(lp.logprob_token_ids.cpu(),
+                                       lp.logprobs.cpu(),
+                                       lp.selected_token_ranks.cpu())
+        return ModelRunnerOutput([s.seq_id for s in sampling_seqs], sampled,
+                                 logprobs)
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
+        """One forward + sampling at the largest batch the scheduler may build,
+        without a KV cache, so that peak activation memory can be measured."""
+        max_len = self.model_config.max_model_len
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        query_lens = [num_tokens // num_seqs] * num_seqs
+        query_lens[-1] += num_tokens - sum(query_lens)
+        # split anything longer than max_model_len into more sequences
+        lens: list[int] = []
+        for q in query_lens:
+            while q > 0:
+                lens.append(min(q, max_len))
+                q -= lens[-1]
+        # Block tables of the right length keep the slot arithmetic in range;
+        # nothing is written since there is no cache yet.
+        tables = [[0] * -(-n // self.block_size) for n in lens]
+        attn_metadata, positions = self._build_metadata(lens, [0] * len(lens),
+                                                        tables)
+        input_ids = torch.zeros(sum(lens),
+                                dtype=torch.int64,
+                                device=self.device)
+        with set_forward_context(attn_metadata):
+            hidden_states = self.model(input_ids, positions)
+        rows = min(len(lens), num_seqs)
+        logits = self.model.compute_logits(hidden_states[:rows])
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows
+        metadata = SamplingMetadata.prepare(params, [None] * rows,
+                                            [[] for _ in range(rows)],
+                                            [[] for _ in range(rows)],
+                                            vocab_size=logits.shape[-1],
+                                            device=self.device)
+        self.sampler(logits, metadata)
