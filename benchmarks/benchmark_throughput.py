@@ -161,7 +161,9 @@ def run_vllm(args: argparse.Namespace, requests: list[Request],
                            f"{len(requests)} prompts")
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return Result(elapsed, len(requests), prompt_tokens, output_tokens)
+    note = ("vllm: no tokenizer files, skip_tokenizer_init=True"
+            if engine_args.skip_tokenizer_init else "")
+    return Result(elapsed, len(requests), prompt_tokens, output_tokens, note)
 
 
 def run_hf(args: argparse.Namespace, requests: list[Request],

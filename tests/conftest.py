@@ -2,13 +2,14 @@
 import os
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
+from tests.utils import shared_model
+
 # No test may reach the network: Hugging Face loads resolve local paths only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config,
@@ -23,26 +24,20 @@ def pytest_collection_modifyitems(config: pytest.Config,
 
 
 @pytest.fixture(scope="session")
-def shared_models_dir() -> Path:
-    """../shared/models beside the repository (may not exist)."""
-    return REPO_ROOT.parent / "shared" / "models"
-
-
-def _shared_model(shared_models_dir: Path, name: str) -> Path:
-    path = shared_models_dir / name
-    if not path.is_dir():
-        pytest.skip(f"../shared/models/{name} is absent: the test data lives "
-                    f"beside the repository, at {path}")
-    return path
-
-
-@pytest.fixture(scope="session")
-def stories260k_path(shared_models_dir: Path) -> Path:
+def stories260k_path() -> Path:
     """The real 260K-parameter Llama model (HF format) with its tokenizer."""
-    return _shared_model(shared_models_dir, "stories260K")
+    return shared_model("stories260K")
 
 
 @pytest.fixture(scope="session")
-def gpt2_tokenizer_path(shared_models_dir: Path) -> Path:
+def gpt2_tokenizer_path() -> Path:
     """The GPT-2 byte-level BPE tokenizer (no weights)."""
-    return _shared_model(shared_models_dir, "gpt2-tokenizer")
+    return shared_model("gpt2-tokenizer")
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Hugging Face Hub access; huggingface_hub reads HF_HUB_OFFLINE once,
+    at import, so both the variable and its constant are patched."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

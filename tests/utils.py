@@ -1,5 +1,26 @@
-"""Helpers shared by tests: comparing our outputs with Hugging Face's."""
+"""Helpers shared by tests: test-model paths, comparing outputs with Hugging
+Face's."""
+import os
 from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+# ../shared/models beside the repository; a machine without it (e.g. a lent
+# GPU) can point VLLM_TEST_MODELS_DIR at a copy.
+SHARED_MODELS_DIR = Path(
+    os.environ.get("VLLM_TEST_MODELS_DIR",
+                   Path(__file__).resolve().parents[2] / "shared" /
+                   "models")).resolve()
+
+
+def shared_model(name: str) -> Path:
+    """A folder of ../shared/models, or skip the test when it is absent."""
+    path = SHARED_MODELS_DIR / name
+    if not path.is_dir():
+        pytest.skip(f"test data {path} is absent (see shared/models/README.md)")
+    return path
+
 
 # (token ids, text or None, per-token {token_id: logprob} or None)
 TokensTextLogprobs = tuple[list[int], str | None, list[dict[int, float]] | None]

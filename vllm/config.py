@@ -154,7 +154,11 @@ class DeviceConfig:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(
                 f"device={device!r} was asked for but CUDA is not available.")
-        return DeviceConfig(torch.device(device))
+        resolved = torch.device(device)
+        if resolved.type == "cuda" and resolved.index is None:
+            # torch.cuda.set_device and memory queries need an index.
+            resolved = torch.device("cuda", torch.cuda.current_device())
+        return DeviceConfig(resolved)
 
 
 @dataclass(frozen=True)

@@ -70,17 +70,20 @@ def _prompts(vocab_size: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
 
 
-def _hf_generate(model_dir: Path, prompts: list[list[int]],
-                 max_tokens: int) -> list[tuple]:
+def _hf_generate(model_dir: Path,
+                 prompts: list[list[int]],
+                 max_tokens: int,
+                 device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> list[tuple]:
     model = LlamaForCausalLM.from_pretrained(model_dir,
-                                             dtype=torch.float32).eval()
+                                             dtype=dtype).to(device).eval()
     config = GenerationConfig(max_new_tokens=max_tokens,
                               do_sample=False,
                               eos_token_id=None,
                               pad_token_id=0)
     results = []
     for ids in prompts:
-        out = model.generate(torch.tensor([ids]),
+        out = model.generate(torch.tensor([ids], device=device),
                              generation_config=config,
                              output_logits=True,
                              return_dict_in_generate=True)
@@ -95,9 +98,16 @@ def _hf_generate(model_dir: Path, prompts: list[list[int]],
     return results
 
 
-def _vllm_generate(model_dir: Path, prompts: list[list[int]],
-                   max_tokens: int) -> list[tuple]:
-    llm = LLM(str(model_dir), dtype="float32", device="cpu", max_model_len=256)
+def _vllm_generate(model_dir: Path,
+                   prompts: list[list[int]],
+                   max_tokens: int,
+                   device: str = "cpu",
+                   dtype: str = "float32") -> list[tuple]:
+    llm = LLM(str(model_dir),
+              dtype=dtype,
+              device=device,
+              max_model_len=256,
+              gpu_memory_utilization=0.3)
     params = SamplingParams(temperature=0.0,
                             max_tokens=max_tokens,
                             ignore_eos=True,
@@ -157,3 +167,34 @@ def test_stories260k_known_story(stories260k_path: Path) -> None:
         "wanted to play with it, but it was too high.\nLily")
     assert len(out.outputs[0].token_ids) == 60
     assert out.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_random_llama_matches_hf_cuda(name: str, dtype: str, tmp_path: Path,
+                                      stories260k_path: Path) -> None:
+    """fp32: equal tokens; bf16: vLLM's logprob rule against HF in bf16."""
+    model_dir = _build_model(tmp_path, stories260k_path, CONFIGS[name])
+    prompts = _prompts(CONFIGS[name].get("vocab_size", 512))
+    hf = _hf_generate(model_dir, prompts, MAX_TOKENS, "cuda",
+                      getattr(torch, dtype))
+    ours = _vllm_generate(model_dir, prompts, MAX_TOKENS, "cuda", dtype)
+    if dtype == "float32":
+        check_outputs_equal([o[0] for o in hf], [o[0] for o in ours], "hf",
+                            "vllm")
+    check_logprobs_close(hf, ours, "hf", "vllm")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stories260k_matches_hf_cuda(dtype: str,
+                                     stories260k_path: Path) -> None:
+    prompts = [[1, 403, 407, 261, 378], [1, 403], [1, 84, 300, 275, 380, 291]]
+    hf = _hf_generate(stories260k_path, prompts, 60, "cuda",
+                      getattr(torch, dtype))
+    ours = _vllm_generate(stories260k_path, prompts, 60, "cuda", dtype)
+    if dtype == "float32":
+        check_outputs_equal([o[0] for o in hf], [o[0] for o in ours], "hf",
+                            "vllm")
+    check_logprobs_close(hf, ours, "hf", "vllm")

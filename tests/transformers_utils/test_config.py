@@ -1,13 +1,14 @@
 """Tests for vllm.transformers_utils.config."""
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 
 from vllm.transformers_utils.config import (get_config, get_generation_config,
                                             get_model_path)
 
-MODELS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "models"
+from tests.utils import SHARED_MODELS_DIR, shared_model
+
+MODELS_DIR = SHARED_MODELS_DIR
 STORIES = MODELS_DIR / "stories260K"
 GPT2 = MODELS_DIR / "gpt2-tokenizer"
 
@@ -15,16 +16,7 @@ UNKNOWN_HUB_NAME = "no-such-org/no-such-model"
 
 
 def _require(path: Path) -> str:
-    if not path.is_dir():
-        pytest.skip(f"test data {path} is absent (see shared/models/README.md)")
-    return str(path)
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import: patch both.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return str(shared_model(path.name))
 
 
 def test_get_config_local() -> None:

@@ -5,7 +5,6 @@ The invariant: the text appended incrementally equals
 as soon as the output ends on a complete character.
 """
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +13,8 @@ from vllm.transformers_utils.detokenizer import IncrementalDetokenizer
 from vllm.transformers_utils.tokenizer import (AnyTokenizer, encode_prompt,
                                                get_tokenizer)
 
-MODELS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "models"
+from tests.utils import shared_model
+
 TOKENIZER_NAMES = ["stories260K", "gpt2-tokenizer"]
 
 # Characters of 2, 3 and 4 UTF-8 bytes: both tokenizers split them into
@@ -24,17 +24,11 @@ MULTI_BYTE_TEXT = "naïve café, 你好，世界 ∑ 😀🎉 𝔘"
 
 @pytest.fixture(scope="module", params=TOKENIZER_NAMES)
 def tokenizer(request: pytest.FixtureRequest) -> AnyTokenizer:
-    path = MODELS_DIR / request.param
-    if not path.is_dir():
-        pytest.skip(f"test data {path} is absent (see shared/models/README.md)")
-    return get_tokenizer(str(path))
+    return get_tokenizer(str(shared_model(request.param)))
 
 
 def _stories() -> AnyTokenizer:
-    path = MODELS_DIR / "stories260K"
-    if not path.is_dir():
-        pytest.skip(f"test data {path} is absent (see shared/models/README.md)")
-    return get_tokenizer(str(path))
+    return get_tokenizer(str(shared_model("stories260K")))
 
 
 def _decode(tokenizer: AnyTokenizer,
@@ -216,10 +210,7 @@ def test_random_byte_level_garbage() -> None:
     # Byte-level BPE decodes invalid UTF-8 the same wherever the window
     # starts, so even arbitrary ids (lone continuation bytes included) must
     # keep the invariant; the U+FFFD emitted are in the full decode too.
-    path = MODELS_DIR / "gpt2-tokenizer"
-    if not path.is_dir():
-        pytest.skip(f"test data {path} is absent (see shared/models/README.md)")
-    tokenizer = get_tokenizer(str(path))
+    tokenizer = get_tokenizer(str(shared_model("gpt2-tokenizer")))
     rng = random.Random(99)
     last = tokenizer.encode(".", add_special_tokens=False)
     for _ in range(300):

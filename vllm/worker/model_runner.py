@@ -136,34 +136,33 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
-        """One forward + sampling at the largest batch the scheduler may build,
-        without a KV cache, so that peak activation memory can be measured."""
+        """A forward of ``num_tokens`` tokens and sampling of ``num_seqs`` rows,
+        without a KV cache, so that peak activation memory can be measured.
+
+        The tokens form the fewest, longest sequences (max_model_len each):
+        the attention's padded score tensors are largest then.
+        """
         max_len = self.model_config.max_model_len
-        num_seqs = max(1, min(num_seqs, num_tokens))
-        query_lens = [num_tokens // num_seqs] * num_seqs
-        query_lens[-1] += num_tokens - sum(query_lens)
-        # split anything longer than max_model_len into more sequences
-        lens: list[int] = []
-        for q in query_lens:
-            while q > 0:
-                lens.append(min(q, max_len))
-                q -= lens[-1]
+        lens = [max_len] * (num_tokens // max_len)
+        if num_tokens % max_len:
+            lens.append(num_tokens % max_len)
         # Block tables of the right length keep the slot arithmetic in range;
         # nothing is written since there is no cache yet.
         tables = [[0] * -(-n // self.block_size) for n in lens]
         attn_metadata, positions = self._build_metadata(lens, [0] * len(lens),
                                                         tables)
-        input_ids = torch.zeros(sum(lens),
+        input_ids = torch.zeros(num_tokens,
                                 dtype=torch.int64,
                                 device=self.device)
         with set_forward_context(attn_metadata):
             hidden_states = self.model(input_ids, positions)
-        rows = min(len(lens), num_seqs)
-        logits = self.model.compute_logits(hidden_states[:rows])
-        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows
-        metadata = SamplingMetadata.prepare(params, [None] * rows,
-                                            [[] for _ in range(rows)],
-                                            [[] for _ in range(rows)],
+        rows = torch.arange(num_seqs, device=self.device) % num_tokens
+        logits = self.model.compute_logits(hidden_states[rows])
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
+                  ] * num_seqs
+        metadata = SamplingMetadata.prepare(params, [None] * num_seqs,
+                                            [[] for _ in range(num_seqs)],
+                                            [[] for _ in range(num_seqs)],
                                             vocab_size=logits.shape[-1],
                                             device=self.device)
         self.sampler(logits, metadata)
