@@ -5,15 +5,14 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig,
-                          MistralConfig, PreTrainedModel)
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig,
+                          PreTrainedModel)
 
-from vllm.attention.backends.abstract import AttentionMetadata
-
-from vllm.config import DeviceConfig, ModelConfig
-from vllm.forward_context import set_forward_context
+from vllm.config import DeviceConfig
 from vllm.model_executor.model_loader import get_model
 from vllm.model_executor.models import ModelRegistry
+
+from tests.models.test_model_forward import model_config_for, our_logits
 
 
 def make_hf_model(seed: int = 0, **overrides) -> PreTrainedModel:
@@ -32,35 +31,6 @@ def make_hf_model(seed: int = 0, **overrides) -> PreTrainedModel:
     with torch.no_grad():
         model.model.norm.weight.normal_(1.0, 0.2)
     return model
-
-
-def model_config_for(path: Path, **overrides) -> ModelConfig:
-    kwargs: dict[str, Any] = dict(model=str(path),
-                                  tokenizer=str(path),
-                                  hf_config=AutoConfig.from_pretrained(path),
-                                  dtype=torch.float32,
-                                  max_model_len=128)
-    kwargs.update(overrides)
-    return ModelConfig(**kwargs)  # type: ignore[arg-type]
-
-
-@torch.no_grad()
-def prefill_logits(model: Any, prompt: torch.Tensor) -> torch.Tensor:
-    """Logits of every position of one prompt (profiling path, no cache)."""
-    n = len(prompt)
-    metadata = AttentionMetadata(num_actual_tokens=n,
-                                 num_decodes=0,
-                                 max_query_len=n,
-                                 max_seq_len=n,
-                                 query_start_loc=torch.tensor(
-                                     [0, n], dtype=torch.int32),
-                                 seq_lens=torch.tensor([n], dtype=torch.int32),
-                                 block_tables=torch.zeros((1, 1),
-                                                          dtype=torch.int32),
-                                 slot_mapping=torch.arange(n))
-    with set_forward_context(metadata):
-        hidden = model(prompt, torch.arange(n))
-    return model.compute_logits(hidden)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +125,7 @@ def test_sharded_index_is_respected(tmp_path: Path):
     prompt = torch.arange(10)
     with torch.no_grad():
         ref = hf(prompt[None]).logits[0]
-    torch.testing.assert_close(prefill_logits(model, prompt),
+    torch.testing.assert_close(our_logits(model, [prompt])[0],
                                ref,
                                atol=1e-4,
                                rtol=0)
@@ -203,7 +173,7 @@ def test_dummy_weights_are_small_seeded_and_finite_in_bf16(llama_dir: Path):
     other = _load(llama_dir, load_format="dummy", seed=1)
     assert not torch.equal(other.model.norm.weight.bfloat16(),
                            params["model.norm.weight"])
-    logits = prefill_logits(model, torch.arange(12))
+    logits = our_logits(model, [torch.arange(12)])[0]
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     assert torch.get_default_dtype() == torch.float32
 

@@ -4,6 +4,7 @@ Per step: the host builds small per-sequence arrays (one copy each to the device
 positions and cache slots are derived on the device; the only device-to-host copy is
 the sampled token ids (and their logprobs when asked for).
 """
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +98,8 @@ class ModelRunner:
                       scheduled: list[ScheduledSequence]) -> ModelRunnerOutput:
         # NOTE: the attention backend needs decodes (one query token) first.
         seqs = sorted(scheduled, key=lambda s: len(s.token_ids) > 1)
-        input_ids = [t for s in seqs for t in s.token_ids]
+        input_ids = list(
+            itertools.chain.from_iterable(s.token_ids for s in seqs))
         query_lens = [len(s.token_ids) for s in seqs]
         attn_metadata, positions = self._build_metadata(
             query_lens, [s.num_computed_tokens for s in seqs],
