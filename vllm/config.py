@@ -77,6 +77,9 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"
     num_gpu_blocks_override: int | None = None
     cpu_kvcache_space_gib: float = 4.0  # VLLM_CPU_KVCACHE_SPACE
+    enable_prefix_caching: bool = False
+    # "plain" or "smart" (SmartBlockAllocator: admits by predicted length)
+    block_allocator: str = "plain"
 
     def __post_init__(self) -> None:
         if self.block_size not in _BLOCK_SIZES:
@@ -96,6 +99,10 @@ class CacheConfig:
                 and self.num_gpu_blocks_override < 1):
             raise ValueError("num_gpu_blocks_override must be >= 1, got "
                              f"{self.num_gpu_blocks_override}.")
+        if self.block_allocator not in ("plain", "smart"):
+            raise ValueError(
+                f"Unknown block_allocator {self.block_allocator!r};"
+                " choose 'plain' or 'smart'.")
         if self.cpu_kvcache_space_gib <= 0:
             raise ValueError("VLLM_CPU_KVCACHE_SPACE must be > 0 GiB, got "
                              f"{self.cpu_kvcache_space_gib}.")
@@ -108,7 +115,13 @@ class SchedulerConfig:
     max_num_seqs: int
     max_model_len: int
     enable_chunked_prefill: bool = True
-    policy: Literal["fcfs"] = "fcfs"
+    policy: Literal["fcfs", "priority"] = "fcfs"
+    # How a preempted request gives its KV cache back: freed and recomputed
+    # later, or copied to CPU memory (swap_space GiB) and copied back.
+    preemption_mode: Literal["recompute", "swap"] = "recompute"
+    # Priority policy: steps of waiting that improve a request's effective
+    # priority by one (None: no aging).
+    priority_aging_steps: int | None = 256
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -125,8 +138,16 @@ class SchedulerConfig:
                 f"smaller than max_model_len ({self.max_model_len}): a long "
                 "prompt could never be scheduled. Raise max_num_batched_tokens, "
                 "lower max_model_len or enable chunked prefill.")
-        if self.policy != "fcfs":
-            raise ValueError(f"Unknown scheduling policy {self.policy!r}.")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"Unknown scheduling_policy {self.policy!r}; "
+                             "choose 'fcfs' or 'priority'.")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(
+                f"Unknown preemption_mode {self.preemption_mode!r};"
+                " choose 'recompute' or 'swap'.")
+        if self.priority_aging_steps is not None and self.priority_aging_steps < 1:
+            raise ValueError("priority_aging_steps must be >= 1 or None, got "
+                             f"{self.priority_aging_steps}.")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from vllm.transformers_utils.detokenizer import IncrementalDetokenizer
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
+    SWAPPED = enum.auto()  # preempted, its KV cache moved to CPU memory
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH_CAPPED = enum.auto()
     FINISHED_ABORTED = enum.auto()
@@ -124,6 +125,10 @@ class SequenceGroup:
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         # Set when the request has a seed: its samples depend on it alone.
         self.generator = generator
+        # Prompt tokens found in the prefix cache at first admission.
+        self.num_cached_tokens: int | None = None
+        # Scheduler step at which the request arrived (priority aging).
+        self.arrival_step = 0
 
     @property
     def arrival_time(self) -> float:

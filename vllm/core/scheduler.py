@@ -2,10 +2,14 @@
 
 It counts tokens, not phases. Each step has a budget of ``max_num_batched_tokens``
 tokens and ``max_num_seqs`` sequences. Running requests are served first (decodes,
-then unfinished prefill chunks); waiting requests fill what is left, in arrival
-order (FCFS). A prompt longer than the remaining budget is split into chunks when
-chunked prefill is on. When the KV cache runs out, the most recently admitted
-request is preempted: its blocks are freed and it is recomputed later.
+then unfinished prefill chunks); then swapped-out requests come back; waiting
+requests fill what is left. A prompt longer than the remaining budget is split into
+chunks when chunked prefill is on. When the KV cache runs out, a running request is
+preempted: its blocks are freed and it is recomputed later, or (``preemption_mode=
+"swap"``) its blocks are copied to CPU memory and copied back later.
+
+``Scheduler`` serves requests first come, first served; ``PriorityScheduler``
+serves lower ``priority`` values first and lets urgent requests preempt others.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -64,14 +68,24 @@ class SchedulerOutputs:
     num_batched_tokens: int
     ignored_seq_groups: list[SequenceGroup]
     num_preempted: int
+    # KV-cache copies the worker makes before the forward pass
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled_seq_groups
+        return not (self.scheduled_seq_groups or self.blocks_to_swap_out
+                    or self.blocks_to_swap_in)
 
 
 class Scheduler:
-    """FCFS continuous batching on a token budget, preempting by recompute."""
+    """FCFS continuous batching on a token budget.
+
+    Subclasses change the policy through three hooks: ``_order_waiting``
+    (who is admitted first), ``_pick_victim`` (who is preempted when blocks run
+    out) and ``_preempt_for_waiting`` (whether waiting work may evict running
+    work before the step is built).
+    """
 
     def __init__(self, scheduler_config: SchedulerConfig,
                  block_manager: BlockManager) -> None:
@@ -79,24 +93,26 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []  # in order of admission
+        self.swapped: deque[SequenceGroup] = deque()
         self.num_cumulative_preemption = 0
+        self.num_steps = 0
+        self._pending_swap_out: list[tuple[int, int]] = []
 
     def add_seq_group(self, seq_group: SequenceGroup) -> None:
+        seq_group.arrival_step = self.num_steps
         self.waiting.append(seq_group)
 
     def has_unfinished_seqs(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def get_num_unfinished_seq_groups(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.swapped)
 
     def abort_seq_group(self, request_ids: set[str]) -> list[SequenceGroup]:
-        """Finish the given requests as aborted and free their blocks."""
+        """Finish the given requests as aborted and free all they hold."""
         aborted = []
-        for queue in (self.waiting, self.running):
-            for seq_group in list(queue):
-                if seq_group.request_id not in request_ids:
-                    continue
+        for queue in (self.waiting, self.running, self.swapped):
+            for seq_group in [g for g in queue if g.request_id in request_ids]:
                 queue.remove(seq_group)
                 for seq in seq_group.get_unfinished_seqs():
                     seq.status = SequenceStatus.FINISHED_ABORTED
@@ -110,28 +126,58 @@ class Scheduler:
             for seq in seq_group.seqs:
                 if seq.is_finished and seq.block_table:
                     self.block_manager.free(seq)
+            if seq_group.is_finished():
+                self.block_manager.observe_finished(seq_group)
         self.running = [g for g in self.running if not g.is_finished()]
 
     def schedule(self) -> SchedulerOutputs:
+        self.num_steps += 1
+        for seq_group in self.running:
+            for seq in seq_group.get_unfinished_seqs():
+                self.block_manager.register_computed_blocks(seq)
+        self._order_waiting()
+        self._preempt_for_waiting()
         budget = SchedulingBudget(self.config.max_num_batched_tokens,
                                   self.config.max_num_seqs)
         scheduled, num_preempted = self._schedule_running(budget)
         ignored: list[SequenceGroup] = []
-        # Admit new work only when nothing had to be evicted for running work.
+        swap_in: list[tuple[int, int]] = []
+        # Admit work only when nothing had to be evicted for running work,
+        # and swapped-out requests before new ones.
         if num_preempted == 0:
-            prefills = self._schedule_prefills(budget)
-            scheduled += prefills.seq_groups
-            ignored = prefills.ignored_seq_groups
+            swap_in = self._schedule_swapped(budget, scheduled)
+            if not self.swapped:
+                prefills = self._schedule_prefills(budget)
+                scheduled += prefills.seq_groups
+                ignored = prefills.ignored_seq_groups
+        swap_out, self._pending_swap_out = self._pending_swap_out, []
         return SchedulerOutputs(scheduled_seq_groups=scheduled,
                                 num_batched_tokens=budget.num_batched_tokens,
                                 ignored_seq_groups=ignored,
-                                num_preempted=num_preempted)
+                                num_preempted=num_preempted,
+                                blocks_to_swap_out=swap_out,
+                                blocks_to_swap_in=swap_in)
 
     @staticmethod
     def _num_uncomputed_tokens(seq_group: SequenceGroup) -> int:
         # All unfinished sequences of a group advance together.
         return seq_group.get_unfinished_seqs()[0].num_uncomputed_tokens
 
+    # ------------------------------------------------------ policy hooks
+    def _order_waiting(self) -> None:
+        """FCFS: the waiting queue is already in arrival order."""
+
+    def _preempt_for_waiting(self) -> None:
+        """FCFS never evicts running work for waiting work."""
+
+    def _pick_victim(self, scheduled_ids: set[int]) -> SequenceGroup:
+        """The most recently admitted request not yet scheduled in this step."""
+        for seq_group in reversed(self.running):
+            if id(seq_group) not in scheduled_ids:
+                return seq_group
+        raise AssertionError("the group being scheduled is always a candidate")
+
+    # --------------------------------------------------------- running
     def _schedule_running(
             self, budget: SchedulingBudget
     ) -> tuple[list[ScheduledSequenceGroup], int]:
@@ -167,29 +213,68 @@ class Scheduler:
                 scheduled_ids.add(id(seq_group))
         return scheduled, len(preempted_ids)
 
-    def _pick_victim(self, scheduled_ids: set[int]) -> SequenceGroup:
-        """The most recently admitted request not yet scheduled in this step."""
-        for seq_group in reversed(self.running):
-            if id(seq_group) not in scheduled_ids:
-                return seq_group
-        raise AssertionError("the group being scheduled is always a candidate")
-
-    def _preempt(self, seq_group: SequenceGroup) -> None:
-        """Free the request's blocks and put it first in line to be recomputed."""
-        for seq in seq_group.get_unfinished_seqs():
-            self.block_manager.free(seq)
-            seq.reset_for_recompute()
+    def _preempt(self,
+                 seq_group: SequenceGroup,
+                 allow_swap: bool = True) -> None:
+        """Evict a running request: swap its blocks to CPU when configured and
+        possible, otherwise free them and recompute it later."""
         self.running.remove(seq_group)
-        self.waiting.appendleft(seq_group)
+        swap = (allow_swap and self.config.preemption_mode == "swap"
+                and self.block_manager.can_swap_out(seq_group))
+        if swap:
+            self._pending_swap_out += self.block_manager.swap_out(seq_group)
+            for seq in seq_group.get_unfinished_seqs():
+                seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(seq_group)
+        else:
+            for seq in seq_group.get_unfinished_seqs():
+                self.block_manager.free(seq)
+                seq.reset_for_recompute()
+            self.waiting.appendleft(seq_group)
         self.num_cumulative_preemption += 1
         if self.num_cumulative_preemption % _PREEMPTION_WARNING_INTERVAL == 1:
             logger.warning(
-                "Request %s was preempted (recompute) because the KV cache is "
-                "full; this slows generation down. Increase "
-                "gpu_memory_utilization (or VLLM_CPU_KVCACHE_SPACE on CPU) or "
-                "lower max_num_seqs. total preemptions=%d",
-                seq_group.request_id, self.num_cumulative_preemption)
+                "Request %s was preempted (%s) because the KV cache is full; "
+                "this slows generation down. Increase gpu_memory_utilization "
+                "(or VLLM_CPU_KVCACHE_SPACE on CPU) or lower max_num_seqs. "
+                "total preemptions=%d", seq_group.request_id,
+                "swap" if swap else "recompute", self.num_cumulative_preemption)
 
+    # --------------------------------------------------------- swapped
+    def _schedule_swapped(
+            self, budget: SchedulingBudget,
+            scheduled: list[ScheduledSequenceGroup]) -> list[tuple[int, int]]:
+        """Bring swapped-out requests back, oldest first, while they fit."""
+        copies: list[tuple[int, int]] = []
+        while self.swapped:
+            seq_group = self.swapped[0]
+            num_seqs = len(seq_group.get_unfinished_seqs())
+            num_new_tokens = min(self._num_uncomputed_tokens(seq_group),
+                                 budget.remaining_token_budget())
+            if not (budget.can_schedule(num_new_tokens=num_new_tokens,
+                                        num_new_seqs=num_seqs)
+                    and self.block_manager.can_swap_in(seq_group)):
+                break
+            self.swapped.popleft()
+            copies += self.block_manager.swap_in(seq_group)
+            if not self.block_manager.can_append_slots(seq_group,
+                                                       num_new_tokens):
+                # Its blocks are back but it cannot grow this step: it stays
+                # running and is served next step.
+                self.running.append(seq_group)
+                for seq in seq_group.get_unfinished_seqs():
+                    seq.status = SequenceStatus.RUNNING
+                continue
+            for seq in seq_group.get_unfinished_seqs():
+                seq.status = SequenceStatus.RUNNING
+                self.block_manager.append_slots(seq, num_new_tokens)
+            self.running.append(seq_group)
+            budget.add_num_batched_tokens(num_new_tokens)
+            budget.add_num_seqs(num_seqs)
+            scheduled.append(ScheduledSequenceGroup(seq_group, num_new_tokens))
+        return copies
+
+    # --------------------------------------------------------- prefills
     def _schedule_prefills(self,
                            budget: SchedulingBudget) -> SchedulerPrefillOutputs:
         """Admit waiting requests in order while the budget and the cache allow."""
@@ -197,7 +282,8 @@ class Scheduler:
         while self.waiting:
             seq_group = self.waiting[0]
             num_seqs = len(seq_group.get_unfinished_seqs())
-            num_new_tokens = self._num_uncomputed_tokens(seq_group)
+            num_cached = self.block_manager.get_num_cached_tokens(seq_group)
+            num_new_tokens = self._num_uncomputed_tokens(seq_group) - num_cached
             if (not self.config.enable_chunked_prefill
                     and num_new_tokens > budget.remaining_token_budget()):
                 break
@@ -218,7 +304,9 @@ class Scheduler:
                     seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
                 out.ignored_seq_groups.append(seq_group)
                 continue
-            self.block_manager.allocate(seq_group, num_new_tokens)
+            cached = self.block_manager.allocate(seq_group, num_new_tokens)
+            if seq_group.num_cached_tokens is None:
+                seq_group.num_cached_tokens = cached
             for seq in seq_group.get_unfinished_seqs():
                 seq.status = SequenceStatus.RUNNING
             self.running.append(seq_group)
@@ -227,3 +315,58 @@ class Scheduler:
             out.seq_groups.append(
                 ScheduledSequenceGroup(seq_group, num_new_tokens))
         return out
+
+
+class PriorityScheduler(Scheduler):
+    """Serves lower ``priority`` values first; arrival time breaks ties.
+
+    - The waiting queue is ordered by (effective priority, arrival time).
+    - When the request at the head of the queue cannot be admitted for lack
+      of KV-cache blocks, running requests of a worse effective priority are
+      preempted for it (worst first), instead of waiting for memory to run out.
+    - When blocks run out mid-step, the running request with the worst
+      (effective priority, arrival time) is the victim.
+    - Aging: every ``priority_aging_steps`` scheduler steps since its arrival,
+      a request's effective priority improves by one. A request of priority
+      ``p`` therefore outranks every newcomer of priority ``q`` after at most
+      ``(p - q + 1) * priority_aging_steps`` steps: no request waits forever.
+      ``priority_aging_steps=None`` turns aging off.
+    """
+
+    def _effective_priority(self, seq_group: SequenceGroup) -> int:
+        aging = self.config.priority_aging_steps
+        if not aging:
+            return seq_group.priority
+        waited = self.num_steps - seq_group.arrival_step
+        return seq_group.priority - waited // aging
+
+    def _rank(self, seq_group: SequenceGroup) -> tuple[int, float]:
+        return self._effective_priority(seq_group), seq_group.arrival_time
+
+    def _order_waiting(self) -> None:
+        self.waiting = deque(sorted(self.waiting, key=self._rank))
+
+    def _pick_victim(self, scheduled_ids: set[int]) -> SequenceGroup:
+        candidates = [g for g in self.running if id(g) not in scheduled_ids]
+        return max(candidates, key=self._rank)
+
+    def _preempt_for_waiting(self) -> None:
+        if not self.waiting:
+            return
+        head = self.waiting[0]
+        num_cached = self.block_manager.get_num_cached_tokens(head)
+        num_new = min(
+            self._num_uncomputed_tokens(head) - num_cached,
+            self.config.max_num_batched_tokens)
+        while self.running:
+            full = len(self.running) >= self.config.max_num_seqs
+            status = self.block_manager.can_allocate(head, num_new)
+            if status != AllocStatus.LATER and not full:
+                return
+            victim = max(self.running, key=self._rank)
+            if self._rank(victim) <= self._rank(head):
+                return
+            # Recompute, never swap: swapped requests come back before waiting
+            # ones, which would hand the memory straight back to the victim.
+            self._preempt(victim, allow_swap=False)
+            self._order_waiting()  # the victim went to the front

@@ -52,6 +52,9 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool | None = None
     scheduling_policy: str = "fcfs"
+    priority_aging_steps: int | None = 256
+    preemption_mode: str | None = None
+    block_allocator: str = "plain"
     max_logprobs: int = 20
     enforce_eager: bool = False
     max_seq_len_to_capture: int = 8192
@@ -90,8 +93,6 @@ class EngineArgs:
             "trust_remote_code": (self.trust_remote_code, False),
             "quantization": (self.quantization, None),
             "cpu_offload_gb": (self.cpu_offload_gb, 0),
-            "enable_prefix_caching": (self.enable_prefix_caching, False),
-            "scheduling_policy": (self.scheduling_policy, "fcfs"),
         }
         for name, (value, supported) in unsupported.items():
             if value != supported:
@@ -123,7 +124,9 @@ class EngineArgs:
             swap_space=self.swap_space,
             kv_cache_dtype=self.kv_cache_dtype,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
-            cpu_kvcache_space_gib=envs.VLLM_CPU_KVCACHE_SPACE)
+            cpu_kvcache_space_gib=envs.VLLM_CPU_KVCACHE_SPACE,
+            enable_prefix_caching=self.enable_prefix_caching,
+            block_allocator=self.block_allocator)
         chunked = (True if self.enable_chunked_prefill is None else
                    self.enable_chunked_prefill)
         default_tokens, default_seqs = _default_batch_limits(
@@ -131,10 +134,15 @@ class EngineArgs:
         max_num_seqs = self.max_num_seqs or default_seqs
         max_tokens = self.max_num_batched_tokens or max(
             default_tokens, max_num_seqs, 0 if chunked else max_model_len)
-        scheduler_config = SchedulerConfig(max_num_batched_tokens=max_tokens,
-                                           max_num_seqs=max_num_seqs,
-                                           max_model_len=max_model_len,
-                                           enable_chunked_prefill=chunked)
+        scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=max_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            enable_chunked_prefill=chunked,
+            policy=self.scheduling_policy,  # type: ignore[arg-type]
+            preemption_mode=self.preemption_mode  # type: ignore[arg-type]
+            or "recompute",
+            priority_aging_steps=self.priority_aging_steps)
         return VllmConfig(model_config=model_config,
                           cache_config=cache_config,
                           scheduler_config=scheduler_config,

@@ -12,9 +12,11 @@ from typing import TypedDict
 import torch
 
 from vllm.config import VllmConfig
-from vllm.core.block_manager import BlockManager
-from vllm.core.scheduler import ScheduledSequenceGroup, Scheduler
+from vllm.core.block_manager import BlockManager, SmartBlockAllocator
+from vllm.core.scheduler import (PriorityScheduler, ScheduledSequenceGroup,
+                                 Scheduler)
 from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.metrics import StatLogger
 from vllm.engine.stop_checker import StopChecker
 from vllm.executor.uniproc_executor import UniProcExecutor
 from vllm.logger import init_logger
@@ -45,7 +47,7 @@ PromptType = str | TextPrompt | TokensPrompt
 
 class LLMEngine:
 
-    def __init__(self, vllm_config: VllmConfig) -> None:
+    def __init__(self, vllm_config: VllmConfig, log_stats: bool = True) -> None:
         self.vllm_config = vllm_config
         self.model_config = model_config = vllm_config.model_config
         logger.info(
@@ -61,10 +63,10 @@ class LLMEngine:
         self.generation_config = get_generation_config(model_config.model,
                                                        model_config.revision)
         self.executor = UniProcExecutor(vllm_config)
-        self.scheduler = Scheduler(
-            vllm_config.scheduler_config,
-            BlockManager(vllm_config.cache_config.block_size,
-                         self.executor.num_gpu_blocks))
+        self.scheduler = _make_scheduler(vllm_config,
+                                         self.executor.num_gpu_blocks,
+                                         self.executor.num_cpu_blocks)
+        self.stat_logger = StatLogger() if log_stats else None
         self.stop_checker = StopChecker(model_config.max_model_len,
                                         self._eos_token_ids())
         self.seq_groups: dict[str, SequenceGroup] = {}
@@ -74,7 +76,8 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
-        return cls(engine_args.create_engine_config())
+        return cls(engine_args.create_engine_config(),
+                   log_stats=not engine_args.disable_log_stats)
 
     def get_tokenizer(self) -> AnyTokenizer:
         if self.tokenizer is None:
@@ -174,9 +177,11 @@ class LLMEngine:
         """Queue a request. Raises ValueError (and queues nothing) on bad input."""
         if request_id in self.seq_groups:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        if priority != 0:
+        if priority != 0 and self.vllm_config.scheduler_config.policy != \
+                "priority":
             raise ValueError("Priority scheduling is not enabled "
-                             f"(request {request_id} has priority {priority}).")
+                             f"(request {request_id} has priority {priority}); "
+                             "pass scheduling_policy='priority'.")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"Request {request_id}: expected SamplingParams, "
                              f"got {type(params).__name__}.")
@@ -240,14 +245,42 @@ class LLMEngine:
             for sg in sched.scheduled_seq_groups
             for seq in sg.seq_group.get_unfinished_seqs()
         ]
-        result = self.executor.execute_model(scheduled)
+        result = self.executor.execute_model(scheduled,
+                                             sched.blocks_to_swap_out,
+                                             sched.blocks_to_swap_in)
         self._process_outputs(sched.scheduled_seq_groups, result)
         self.scheduler.free_finished_seq_groups()
+        if self.stat_logger is not None:
+            self._log_stats(scheduled, len(result.sampled_token_ids))
         for sg in sched.scheduled_seq_groups:
             output = self._make_output(sg.seq_group)
             if output is not None:
                 outputs.append(output)
         return outputs
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefixes; refused (False) while requests run."""
+        return self.scheduler.block_manager.reset_prefix_cache()
+
+    def _log_stats(self, scheduled: list[ScheduledSequence],
+                   num_generated: int) -> None:
+        assert self.stat_logger is not None
+        num_prompt = sum(
+            max(
+                0,
+                min(len(s.token_ids),
+                    len(s.prompt_token_ids) - s.num_computed_tokens))
+            for s in scheduled)
+        self.stat_logger.record_step(num_prompt, num_generated)
+        bm = self.scheduler.block_manager
+        self.stat_logger.maybe_log(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_swapped=len(self.scheduler.swapped),
+            kv_cache_usage=bm.usage,
+            prefix_cache_hit_rate=(bm.prefix_cache_hit_rate
+                                   if bm.enable_caching else None),
+            num_preemptions=self.scheduler.num_cumulative_preemption)
 
     @staticmethod
     def _to_scheduled_sequence(seq: Sequence,
@@ -349,7 +382,8 @@ class LLMEngine:
                              prompt_logprobs=None,
                              outputs=completions,
                              finished=finished,
-                             metrics=seq_group.metrics)
+                             metrics=seq_group.metrics,
+                             num_cached_tokens=seq_group.num_cached_tokens or 0)
 
     def _completion(self, index: int, seq: Sequence, params: SamplingParams,
                     kind: RequestOutputKind) -> CompletionOutput:
@@ -379,3 +413,18 @@ class LLMEngine:
         self.seq_groups.pop(seq_group.request_id, None)
         for seq in seq_group.seqs:
             self._returned.pop(seq.seq_id, None)
+
+
+def _make_scheduler(vllm_config: VllmConfig, num_gpu_blocks: int,
+                    num_cpu_blocks: int) -> Scheduler:
+    """The scheduler and block manager the configuration asks for."""
+    cache = vllm_config.cache_config
+    manager_cls = (SmartBlockAllocator
+                   if cache.block_allocator == "smart" else BlockManager)
+    block_manager = manager_cls(cache.block_size,
+                                num_gpu_blocks,
+                                enable_caching=cache.enable_prefix_caching,
+                                num_cpu_blocks=num_cpu_blocks)
+    scheduler_cls = (PriorityScheduler if vllm_config.scheduler_config.policy
+                     == "priority" else Scheduler)
+    return scheduler_cls(vllm_config.scheduler_config, block_manager)

@@ -44,6 +44,7 @@ class LLM:
                  cpu_offload_gb: float = 0,
                  enforce_eager: bool = False,
                  max_seq_len_to_capture: int = 8192,
+                 disable_log_stats: bool = True,
                  **kwargs: Any) -> None:
         known = {f.name for f in dataclasses.fields(EngineArgs)}
         for name in kwargs:
@@ -70,9 +71,14 @@ class LLM:
                                  cpu_offload_gb=cpu_offload_gb,
                                  enforce_eager=enforce_eager,
                                  max_seq_len_to_capture=max_seq_len_to_capture,
+                                 disable_log_stats=disable_log_stats,
                                  **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(engine_args)
         self._request_counter = itertools.count()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefixes (enable_prefix_caching=True)."""
+        return self.llm_engine.reset_prefix_cache()
 
     def get_tokenizer(self) -> AnyTokenizer:
         return self.llm_engine.get_tokenizer()

@@ -3,6 +3,7 @@ from vllm.config import VllmConfig
 from vllm.core.block_manager import cdiv
 from vllm.logger import init_logger
 from vllm.sequence import ScheduledSequence
+from vllm.worker.cache_engine import num_cpu_swap_blocks
 from vllm.worker.model_runner import ModelRunnerOutput
 from vllm.worker.worker import Worker
 
@@ -40,9 +41,20 @@ class UniProcExecutor:
             "concurrency for %d-token requests: %.2fx", num_blocks,
             cache.block_size, num_blocks * cache.block_size, max_len,
             num_blocks / blocks_per_seq)
-        self.worker.initialize_cache(num_blocks)
+        self.num_cpu_blocks = 0
+        if self.vllm_config.scheduler_config.preemption_mode == "swap":
+            self.num_cpu_blocks = num_cpu_swap_blocks(
+                self.vllm_config.model_config, cache)
+            logger.info("Swap space: %d CPU blocks (%.1f GiB)",
+                        self.num_cpu_blocks, cache.swap_space)
+        self.worker.initialize_cache(num_blocks, self.num_cpu_blocks)
         return num_blocks
 
-    def execute_model(self,
-                      scheduled: list[ScheduledSequence]) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduled)
+    def execute_model(
+        self,
+        scheduled: list[ScheduledSequence],
+        blocks_to_swap_out: list[tuple[int, int]] | None = None,
+        blocks_to_swap_in: list[tuple[int, int]] | None = None
+    ) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduled, blocks_to_swap_out,
+                                         blocks_to_swap_in)

@@ -1,8 +1,11 @@
-"""Allocates the paged KV cache: one tensor per attention layer."""
+"""Allocates the paged KV cache (one tensor per attention layer) and the CPU
+swap space, and copies blocks between them."""
 import torch
 
 from vllm.attention.backends.abstract import AttentionBackend
 from vllm.config import CacheConfig, ModelConfig
+
+_GiB = 1 << 30
 
 
 def kv_cache_block_bytes(model_config: ModelConfig,
@@ -14,17 +17,59 @@ def kv_cache_block_bytes(model_config: ModelConfig,
     return per_layer * model_config.num_layers
 
 
+def num_cpu_swap_blocks(model_config: ModelConfig,
+                        cache_config: CacheConfig) -> int:
+    """Blocks that fit in swap_space GiB of CPU memory."""
+    block_bytes = kv_cache_block_bytes(model_config, cache_config)
+    return int(cache_config.swap_space * _GiB) // block_bytes
+
+
 class CacheEngine:
 
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 backend: type[AttentionBackend], num_blocks: int,
-                 device: torch.device) -> None:
-        shape = backend.get_kv_cache_shape(num_blocks, cache_config.block_size,
-                                           model_config.num_kv_heads,
-                                           model_config.head_size)
+    def __init__(self,
+                 model_config: ModelConfig,
+                 cache_config: CacheConfig,
+                 backend: type[AttentionBackend],
+                 num_blocks: int,
+                 device: torch.device,
+                 num_cpu_blocks: int = 0) -> None:
+
+        def shape(n: int) -> tuple[int, ...]:
+            return backend.get_kv_cache_shape(n, cache_config.block_size,
+                                              model_config.num_kv_heads,
+                                              model_config.head_size)
+
         # Zeros, not empty: attention multiplies masked-out (zero-weight)
         # slots by their values, and 0 * NaN from stale memory would be NaN.
         self.kv_caches = [
-            torch.zeros(shape, dtype=model_config.dtype, device=device)
-            for _ in range(model_config.num_layers)
+            torch.zeros(shape(num_blocks),
+                        dtype=model_config.dtype,
+                        device=device) for _ in range(model_config.num_layers)
         ]
+        pin = device.type == "cuda"
+        self.cpu_caches = [
+            torch.zeros(
+                shape(num_cpu_blocks), dtype=model_config.dtype, pin_memory=pin)
+            for _ in range(model_config.num_layers)
+        ] if num_cpu_blocks else []
+
+    @staticmethod
+    def _copy(src: list[torch.Tensor], dst: list[torch.Tensor],
+              mapping: list[tuple[int, int]]) -> None:
+        if not mapping:
+            return
+        src_ids = torch.tensor([s for s, _ in mapping])
+        dst_ids = torch.tensor([d for _, d in mapping])
+        for src_cache, dst_cache in zip(src, dst):
+            # [2, num_blocks, ...]: blocks are dimension 1
+            blocks = src_cache[:, src_ids.to(src_cache.device)]
+            dst_cache[:, dst_ids.to(dst_cache.device)] = blocks.to(
+                dst_cache.device, non_blocking=True)
+
+    def swap_out(self, mapping: list[tuple[int, int]]) -> None:
+        """Copy (device block, CPU block) pairs to the CPU."""
+        self._copy(self.kv_caches, self.cpu_caches, mapping)
+
+    def swap_in(self, mapping: list[tuple[int, int]]) -> None:
+        """Copy (CPU block, device block) pairs back to the device."""
+        self._copy(self.cpu_caches, self.kv_caches, mapping)

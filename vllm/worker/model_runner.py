@@ -96,6 +96,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self,
                       scheduled: list[ScheduledSequence]) -> ModelRunnerOutput:
+        if not scheduled:  # a step that only swapped blocks
+            return ModelRunnerOutput([], [], None)
         # NOTE: the attention backend needs decodes (one query token) first.
         seqs = sorted(scheduled, key=lambda s: len(s.token_ids) > 1)
         input_ids = list(

@@ -63,13 +63,23 @@ class Worker:
             max(available, 0) / _GiB)
         return max(int(available) // block_bytes, 0)
 
-    def initialize_cache(self, num_blocks: int) -> None:
+    def initialize_cache(self,
+                         num_blocks: int,
+                         num_cpu_blocks: int = 0) -> None:
         backend = self.model_runner.attention_layers()[0].backend
         self.cache_engine = CacheEngine(self.vllm_config.model_config,
                                         self.vllm_config.cache_config, backend,
-                                        num_blocks, self.device)
+                                        num_blocks, self.device, num_cpu_blocks)
         self.model_runner.bind_kv_caches(self.cache_engine.kv_caches)
 
-    def execute_model(self,
-                      scheduled: list[ScheduledSequence]) -> ModelRunnerOutput:
+    def execute_model(
+        self,
+        scheduled: list[ScheduledSequence],
+        blocks_to_swap_out: list[tuple[int, int]] | None = None,
+        blocks_to_swap_in: list[tuple[int, int]] | None = None
+    ) -> ModelRunnerOutput:
+        assert self.cache_engine is not None
+        # Swap-outs first: their device blocks may be reused by this step.
+        self.cache_engine.swap_out(blocks_to_swap_out or [])
+        self.cache_engine.swap_in(blocks_to_swap_in or [])
         return self.model_runner.execute_model(scheduled)
