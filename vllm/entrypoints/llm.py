@@ -76,6 +76,62 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(engine_args)
         self._request_counter = itertools.count()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults
+        (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens)."""
+        config = self.llm_engine.generation_config
+        names = {
+            "temperature": "temperature",
+            "top_p": "top_p",
+            "top_k": "top_k",
+            "min_p": "min_p",
+            "repetition_penalty": "repetition_penalty",
+            "max_new_tokens": "max_tokens",
+        }
+        return SamplingParams(
+            **{
+                ours: config[theirs]
+                for theirs, ours in names.items()
+                if config.get(theirs) is not None
+            })
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams]
+        | None = None,
+        *,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None
+    ) -> list[RequestOutput]:
+        """Generate replies to conversations (one, or a list of them), each
+        rendered with the tokenizer's chat template (or ``chat_template``)."""
+        conversations = (messages if messages and isinstance(messages[0], list)
+                         else [messages])
+        tokenizer = self.get_tokenizer()
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            try:
+                text = tokenizer.apply_chat_template(
+                    conversation,  # type: ignore[arg-type]
+                    chat_template=chat_template,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    **(chat_template_kwargs or {}))
+            except ValueError as err:
+                raise ValueError(
+                    f"Cannot render the conversation: {err} Pass "
+                    "chat_template= or use a model whose tokenizer has "
+                    "one.") from err
+            # The template writes the special tokens (BOS) itself.
+            ids = tokenizer.encode(str(text), add_special_tokens=False)
+            prompts.append(TokensPrompt(prompt_token_ids=ids, prompt=str(text)))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def reset_prefix_cache(self) -> bool:
         """Forget all cached prefixes (enable_prefix_caching=True)."""
         return self.llm_engine.reset_prefix_cache()
@@ -104,7 +160,7 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params_list = (list(sampling_params) if isinstance(
             sampling_params, SequenceABC) else [sampling_params] * len(prompts))
         if len(params_list) != len(prompts):
