@@ -10,7 +10,6 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
 
 from vllm.logger import init_logger
 
@@ -99,13 +98,49 @@ def find_weight_files(folder: str, load_format: str) -> tuple[list[str], bool]:
                      f"load_format={load_format!r} (looked for {looked_for}).")
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def safetensors_weights_iterator(
         files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) for every tensor of the files, read one by one."""
+    """(name, CPU tensor) for every tensor of the files, read one by one.
+
+    Plain reads into a fresh buffer per tensor, not a memory map: the pages of
+    a map stay resident in the process until the file is closed, which would
+    hold a second copy of the whole checkpoint beside the model.
+    """
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            base = 8 + header_len
+            # in file order, so that the reads are sequential
+            for name, info in sorted(header.items(),
+                                     key=lambda kv: kv[1]["data_offsets"][0]):
+                begin, end = info["data_offsets"]
+                tensor = torch.empty(info["shape"],
+                                     dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+                if end > begin:
+                    f.seek(base + begin)
+                    buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+                    if f.readinto(memoryview(buffer)) != end - begin:
+                        raise ValueError(f"{file} is truncated: tensor {name} "
+                                         "ends past the end of the file.")
+                yield name, tensor
 
 
 def _torch_load(file: str) -> dict[str, torch.Tensor]:
