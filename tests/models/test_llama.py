@@ -1,18 +1,17 @@
 """End-to-end parity with Hugging Face transformers: greedy generation through
 ``LLM`` equals ``generate(do_sample=False)`` token for token (fp32, CPU), and
 logprobs agree by vLLM's rule."""
-import random
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.models.utils import (copy_tokenizer, hf_generate, random_prompts,
+                                vllm_generate)
 from tests.utils import check_logprobs_close, check_outputs_equal
 from vllm import LLM, SamplingParams
 
-NUM_LOGPROBS = 5
 MAX_TOKENS = 32
 
 # name -> LlamaConfig overrides (tiny shapes; everything else shared)
@@ -58,75 +57,8 @@ def _build_model(tmp_path: Path, tokenizer_dir: Path, overrides: dict) -> Path:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"):
-        shutil.copy(tokenizer_dir / name, tmp_path / name)
+    copy_tokenizer(tokenizer_dir, tmp_path)
     return tmp_path
-
-
-def _prompts(vocab_size: int) -> list[list[int]]:
-    rng = random.Random(0)
-    lengths = [1, 3, 7, 16, 17, 30, 45, 64]
-    return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
-
-
-def _hf_generate(model_dir: Path,
-                 prompts: list[list[int]],
-                 max_tokens: int,
-                 device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> list[tuple]:
-    model = LlamaForCausalLM.from_pretrained(model_dir,
-                                             dtype=dtype).to(device).eval()
-    config = GenerationConfig(max_new_tokens=max_tokens,
-                              do_sample=False,
-                              eos_token_id=None,
-                              pad_token_id=0)
-    results = []
-    for ids in prompts:
-        out = model.generate(torch.tensor([ids], device=device),
-                             generation_config=config,
-                             output_logits=True,
-                             return_dict_in_generate=True)
-        new_ids = out.sequences[0, len(ids):].tolist()
-        logprobs = []
-        for step_logits in out.logits:
-            lp = torch.log_softmax(step_logits[0].float(), dim=-1)
-            top = torch.topk(lp, NUM_LOGPROBS)
-            logprobs.append(dict(zip(top.indices.tolist(),
-                                     top.values.tolist())))
-        results.append((new_ids, None, logprobs))
-    return results
-
-
-def _vllm_generate(model_dir: Path,
-                   prompts: list[list[int]],
-                   max_tokens: int,
-                   device: str = "cpu",
-                   dtype: str = "float32") -> list[tuple]:
-    llm = LLM(str(model_dir),
-              dtype=dtype,
-              device=device,
-              max_model_len=256,
-              gpu_memory_utilization=0.3)
-    params = SamplingParams(temperature=0.0,
-                            max_tokens=max_tokens,
-                            ignore_eos=True,
-                            logprobs=NUM_LOGPROBS)
-    outputs = llm.generate([{
-        "prompt_token_ids": p
-    } for p in prompts],
-                           params,
-                           use_tqdm=False)
-    results = []
-    for out in outputs:
-        completion = out.outputs[0]
-        assert completion.logprobs is not None
-        logprobs = [{
-            tid: lp.logprob
-            for tid, lp in step.items()
-        } for step in completion.logprobs]
-        results.append((completion.token_ids, completion.text, logprobs))
-    return results
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -134,9 +66,9 @@ def test_random_llama_matches_hf(name: str, tmp_path: Path,
                                  stories260k_path: Path) -> None:
     model_dir = _build_model(tmp_path, stories260k_path, CONFIGS[name])
     vocab = CONFIGS[name].get("vocab_size", 512)
-    prompts = _prompts(vocab)
-    hf = _hf_generate(model_dir, prompts, MAX_TOKENS)
-    ours = _vllm_generate(model_dir, prompts, MAX_TOKENS)
+    prompts = random_prompts(vocab)
+    hf = hf_generate(model_dir, prompts, MAX_TOKENS)
+    ours = vllm_generate(model_dir, prompts, MAX_TOKENS)
     check_outputs_equal([o[0] for o in hf], [o[0] for o in ours], "hf", "vllm")
     check_logprobs_close(hf, ours, "hf", "vllm")
     # Our logprobs of the chosen tokens equal HF's (fp32).
@@ -147,8 +79,8 @@ def test_random_llama_matches_hf(name: str, tmp_path: Path,
 
 def test_stories260k_matches_hf(stories260k_path: Path) -> None:
     prompts = [[1, 403, 407, 261, 378], [1, 403], [1, 84, 300, 275, 380, 291]]
-    hf = _hf_generate(stories260k_path, prompts, 60)
-    ours = _vllm_generate(stories260k_path, prompts, 60)
+    hf = hf_generate(stories260k_path, prompts, 60)
+    ours = vllm_generate(stories260k_path, prompts, 60)
     check_outputs_equal([o[0] for o in hf], [o[0] for o in ours], "hf", "vllm")
     check_logprobs_close(hf, ours, "hf", "vllm")
 
@@ -176,10 +108,10 @@ def test_random_llama_matches_hf_cuda(name: str, dtype: str, tmp_path: Path,
                                       stories260k_path: Path) -> None:
     """fp32: equal tokens; bf16: vLLM's logprob rule against HF in bf16."""
     model_dir = _build_model(tmp_path, stories260k_path, CONFIGS[name])
-    prompts = _prompts(CONFIGS[name].get("vocab_size", 512))
-    hf = _hf_generate(model_dir, prompts, MAX_TOKENS, "cuda",
-                      getattr(torch, dtype))
-    ours = _vllm_generate(model_dir, prompts, MAX_TOKENS, "cuda", dtype)
+    prompts = random_prompts(CONFIGS[name].get("vocab_size", 512))
+    hf = hf_generate(model_dir, prompts, MAX_TOKENS, "cuda",
+                     getattr(torch, dtype))
+    ours = vllm_generate(model_dir, prompts, MAX_TOKENS, "cuda", dtype)
     if dtype == "float32":
         check_outputs_equal([o[0] for o in hf], [o[0] for o in ours], "hf",
                             "vllm")
@@ -191,9 +123,9 @@ def test_random_llama_matches_hf_cuda(name: str, dtype: str, tmp_path: Path,
 def test_stories260k_matches_hf_cuda(dtype: str,
                                      stories260k_path: Path) -> None:
     prompts = [[1, 403, 407, 261, 378], [1, 403], [1, 84, 300, 275, 380, 291]]
-    hf = _hf_generate(stories260k_path, prompts, 60, "cuda",
-                      getattr(torch, dtype))
-    ours = _vllm_generate(stories260k_path, prompts, 60, "cuda", dtype)
+    hf = hf_generate(stories260k_path, prompts, 60, "cuda",
+                     getattr(torch, dtype))
+    ours = vllm_generate(stories260k_path, prompts, 60, "cuda", dtype)
     if dtype == "float32":
         check_outputs_equal([o[0] for o in hf], [o[0] for o in ours], "hf",
                             "vllm")

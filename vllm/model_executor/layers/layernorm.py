@@ -46,3 +46,25 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, eps={self.variance_epsilon}"
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm, as HF's GemmaRMSNorm computes it: the weight is an
+    offset from one, and the scaling by ``1 + weight`` happens in float32
+    before the cast back (Llama's multiplies after the cast). The weight
+    starts at zero, the identity scale. Same ``forward(x, residual=None)``
+    contract as :class:`RMSNorm`."""
+
+    def __init__(self,
+                 hidden_size: int,
+                 eps: float = 1e-6,
+                 params_dtype: torch.dtype | None = None) -> None:
+        super().__init__(hidden_size, eps, params_dtype)
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.variance_epsilon)
+        return (h * (1.0 + self.weight.to(torch.float32))).to(x.dtype)

@@ -34,20 +34,35 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def check_no_sliding_window(config: Any) -> None:
-    """Refuse configs that use sliding-window attention (not supported)."""
+def check_no_sliding_window(config: Any,
+                            max_model_len: int | None = None) -> None:
+    """Refuse configs whose sliding-window attention would take effect.
+
+    A window of ``W`` tokens (HF: position ``q`` attends to keys in
+    ``(q - W, q]``) changes nothing while every sequence is at most ``W``
+    tokens long, so ``W >= max_model_len`` is dense attention and accepted.
+    Without ``max_model_len`` the bound is the config's
+    ``max_position_embeddings``, the longest context the engine allows.
+    """
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         uses_window = "sliding_attention" in layer_types
     else:
         uses_window = getattr(config, "sliding_window", None) is not None
-    if uses_window:
-        raise ValueError(
-            f"Sliding-window attention is not supported yet (config."
-            f"sliding_window={getattr(config, 'sliding_window', None)}). "
-            "This engine would attend over the full context and give "
-            "different results; use a checkpoint whose config sets "
-            "sliding_window to null.")
+    if not uses_window:
+        return
+    window = getattr(config, "sliding_window", None)
+    context = max_model_len or getattr(config, "max_position_embeddings", None)
+    if window is not None and context is not None and window >= context:
+        return
+    what = ("max_model_len" if max_model_len else "max_position_embeddings")
+    raise ValueError(
+        f"Sliding-window attention is not supported yet: config."
+        f"sliding_window={window} is smaller than the context "
+        f"({what}={context}), so this engine, which attends over the full "
+        "context, would give different results. Use a context no longer "
+        "than the window, or a checkpoint whose config sets sliding_window "
+        "to null.")
 
 
 class LlamaMLP(nn.Module):
