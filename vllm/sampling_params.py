@@ -10,9 +10,12 @@ sampler.
 """
 import copy
 import enum
+import inspect
 import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 from vllm.logger import init_logger
 
@@ -22,6 +25,17 @@ logger = init_logger(__name__)
 _SAMPLING_EPS = 1e-5
 # Smaller positive temperatures make logits / T overflow to inf in fp32.
 _MIN_TEMPERATURE = 1e-2
+
+# A per-request logits processor: (output_token_ids, logits [V]) -> logits
+# [V], or (prompt_token_ids, output_token_ids, logits [V]) -> logits [V].
+LogitsProcessor = Callable[..., Any]
+
+
+class Tokenizer(Protocol):
+    """What ``tokenize_bad_words`` needs of a tokenizer (Hugging Face's)."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]:
+        ...
 
 
 class RequestOutputKind(enum.Enum):
@@ -75,11 +89,33 @@ class SamplingParams:
         include_stop_str_in_output: Keep the matched stop string in the text.
         logit_bias: Token id -> value added to that token's logit.
         allowed_token_ids: Only these token ids may be generated.
-        bad_words: Words whose tokens must never be generated.
+        bad_words: Words that must never be generated: the last token of a
+            bad word is forbidden whenever the output ends with its other
+            tokens (update_from_tokenizer turns the words into tokens).
         truncate_prompt_tokens: Keep only the last k prompt tokens; -1 keeps
             as many as the model allows.
         output_kind: What each streamed output carries (RequestOutputKind).
         extra_args: Free-form arguments for custom samplers.
+        top_n_sigma: Top-nσ sampling (Tang et al., 2024, "Top-nσ: Not All
+            Logits Are You Need"): keep only the tokens whose logit is at
+            least max_logit - top_n_sigma * σ, where σ is the standard
+            deviation (population, divided by the count) of the row's
+            logits. Applied to the temperature-scaled logits, after the
+            penalties and masks and before min_p, top_k and top_p. σ is taken
+            over the finite logits only: tokens already masked to -inf
+            (allowed_token_ids, bad_words, min_tokens, a logits processor)
+            are not candidates and do not count. None is off; otherwise a finite number > 0
+            (1.0 is the paper's usual choice; a tiny value keeps only the
+            most likely token, i.e. greedy). Greedy requests ignore it.
+        logits_processors: Functions that rewrite this request's logits
+            before anything else (penalties included), each called as
+            ``fn(output_token_ids, logits)`` or
+            ``fn(prompt_token_ids, output_token_ids, logits)`` (the form is
+            chosen by the number of positional parameters) with the row's
+            float32 logits [V] on the model's device; each returns the new
+            logits [V] (it may modify its argument in place and return it).
+            They run in Python once per step for each request that has
+            them, so they are slow; ``clone()`` shares them, never copies.
 
     ``stop`` and ``stop_token_ids`` are lists after construction (None
     becomes []).
@@ -110,11 +146,18 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = None
+    top_n_sigma: float | None = None
+    logits_processors: list[LogitsProcessor] | None = None
     # The token ids that end the request; see all_stop_token_ids.
     _all_stop_token_ids: set[int] = field(default_factory=set,
                                           init=False,
                                           repr=False,
                                           compare=False)
+    # bad_words as token id sequences; see update_from_tokenizer.
+    _bad_words_token_ids: list[list[int]] | None = field(default=None,
+                                                         init=False,
+                                                         repr=False,
+                                                         compare=False)
 
     def __post_init__(self) -> None:
         if self.seed == -1:
@@ -126,11 +169,12 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0  # -1 is the older spelling of "off"
         if self.logit_bias is not None:
-            # JSON object keys arrive as strings.
-            self.logit_bias = {
-                int(token_id): bias
-                for token_id, bias in self.logit_bias.items()
-            }
+            self.logit_bias = _normalise_logit_bias(self.logit_bias)
+        if self.logits_processors is not None:
+            if not isinstance(self.logits_processors, (list, tuple)):
+                raise ValueError(_LOGITS_PROCESSORS_ERROR +
+                                 f"{self.logits_processors!r}.")
+            self.logits_processors = list(self.logits_processors)
         self._verify_args()
 
         if 0 < self.temperature < _MIN_TEMPERATURE:
@@ -145,6 +189,7 @@ class SamplingParams:
             self.top_p = 1.0
             self.top_k = 0
             self.min_p = 0.0
+            self.top_n_sigma = None
             if self.n != 1:
                 raise ValueError(
                     f"n must be 1 when using greedy sampling, got {self.n}.")
@@ -192,6 +237,10 @@ class SamplingParams:
                              f"got {self.top_k}.")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.top_n_sigma is not None and not _is_positive_finite(
+                self.top_n_sigma):
+            raise ValueError("top_n_sigma must be None (off) or a finite "
+                             f"number > 0, got {self.top_n_sigma!r}.")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int or None, got "
                              f"{type(self.seed).__name__} ({self.seed!r}).")
@@ -222,6 +271,14 @@ class SamplingParams:
                 raise ValueError("allowed_token_ids must not be empty, got "
                                  f"{self.allowed_token_ids!r}.")
             _verify_token_ids("allowed_token_ids", self.allowed_token_ids)
+            if min(self.allowed_token_ids) < 0:
+                raise ValueError("allowed_token_ids must be non-negative, "
+                                 f"got {self.allowed_token_ids!r}.")
+        if self.logits_processors is not None:
+            for fn in self.logits_processors:
+                if logits_processor_takes_prompt(fn) is None:
+                    raise ValueError(_LOGITS_PROCESSORS_ERROR +
+                                     f"{self.logits_processors!r}.")
         if self.truncate_prompt_tokens is not None and not (
                 self.truncate_prompt_tokens == -1
                 or self.truncate_prompt_tokens >= 1):
@@ -267,9 +324,31 @@ class SamplingParams:
             return 0
         return max(len(s) for s in self.stop) - 1
 
+    @property
+    def bad_words_token_ids(self) -> list[list[int]] | None:
+        """bad_words as token id sequences, once update_from_tokenizer ran
+        (None before, or without bad_words)."""
+        return self._bad_words_token_ids
+
     def clone(self) -> "SamplingParams":
-        """A deep copy: the engine's changes never reach the user's object."""
-        return copy.deepcopy(self)
+        """A deep copy: the engine's changes never reach the user's object.
+
+        NOTE: logits processors are shared, not copied: they may hold state
+        (a tokenizer, a grammar, a model) that is costly or impossible to
+        copy. The list holding them is a new one.
+        """
+        memo: dict[int, Any] = {
+            id(fn): fn
+            for fn in self.logits_processors or ()
+        }
+        return copy.deepcopy(self, memo)
+
+    def update_from_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Tokenize bad_words (the engine calls this once, on its own clone);
+        see tokenize_bad_words. The sampler reads bad_words_token_ids."""
+        if self.bad_words:
+            self._bad_words_token_ids = tokenize_bad_words(
+                self.bad_words, tokenizer)
 
     def update_from_generation_config(
             self,
@@ -296,6 +375,95 @@ class SamplingParams:
             dict.fromkeys(self.stop_token_ids + extra_eos_ids))
         self._all_stop_token_ids.update(eos_ids)
         self._all_stop_token_ids.update(self.stop_token_ids)
+
+
+def tokenize_bad_words(bad_words: list[str],
+                       tokenizer: Tokenizer) -> list[list[int]]:
+    """The token id sequences that ``bad_words`` forbid, as vLLM makes them.
+
+    A word can appear at the start of the text or after a space, and most
+    tokenizers spell the two differently, so each word (leading spaces
+    stripped) is tokenized both bare and with one leading space. The spaced
+    form is kept only when it differs from the bare one and has as many
+    tokens: tokenizers that add a word-start marker themselves
+    (SentencePiece) turn the extra space into a token of its own, and
+    forbidding that longer sequence would add nothing. Duplicates and empty
+    tokenizations are dropped; the order is that of ``bad_words``.
+    """
+    sequences: list[list[int]] = []
+    for word in bad_words:
+        bare = word.lstrip() or word  # a word of spaces stays as it is
+        ids = list(tokenizer.encode(bare, add_special_tokens=False))
+        spaced = list(tokenizer.encode(" " + bare, add_special_tokens=False))
+        candidates = [ids]
+        if spaced != ids and len(spaced) == len(ids):
+            candidates.append(spaced)
+        for candidate in candidates:
+            if candidate and candidate not in sequences:
+                sequences.append(candidate)
+    return sequences
+
+
+def logits_processor_takes_prompt(fn: LogitsProcessor) -> bool | None:
+    """Whether ``fn`` is called ``fn(prompt_token_ids, output_token_ids,
+    logits)`` (True) or ``fn(output_token_ids, logits)`` (False), by its
+    number of required positional parameters; None when it is neither (or
+    not callable). A callable whose signature cannot be read (some builtins)
+    gets the two-argument form."""
+    if not callable(fn):
+        return None
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    required = sum(p.default is p.empty for p in positional)
+    has_var_args = any(p.kind == p.VAR_POSITIONAL
+                       for p in signature.parameters.values())
+    if required == 3:
+        return True
+    if required == 2 or (required < 2 and
+                         (len(positional) >= 2 or has_var_args)):
+        return False
+    return None
+
+
+_LOGITS_PROCESSORS_ERROR = (
+    "logits_processors must be a list of callables, each taking "
+    "(output_token_ids, logits) or (prompt_token_ids, output_token_ids, "
+    "logits), got ")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_positive_finite(value: Any) -> bool:
+    return _is_real(value) and math.isfinite(value) and value > 0
+
+
+def _normalise_logit_bias(logit_bias: Any) -> dict[int, float]:
+    """Keys to ints (JSON object keys arrive as strings), values to floats;
+    ValueError naming logit_bias for anything else."""
+    error = ValueError("logit_bias must map non-negative token ids to finite "
+                       f"numbers, got {logit_bias!r}.")
+    if not isinstance(logit_bias, dict):
+        raise error
+    result: dict[int, float] = {}
+    for token_id, bias in logit_bias.items():
+        if isinstance(token_id, bool) or not isinstance(token_id, (int, str)):
+            raise error
+        try:
+            token = int(token_id)
+        except ValueError:
+            raise error from None
+        if token < 0 or not (_is_real(bias) and math.isfinite(bias)):
+            raise error
+        result[token] = float(bias)
+    return result
 
 
 def _as_id_list(token_ids: int | list[int] | None) -> list[int]:

@@ -172,9 +172,13 @@ def test_n_samples(llm: LLM) -> None:
 
 
 def test_unsupported_sampling_features_are_rejected(llm: LLM) -> None:
-    with pytest.raises(ValueError, match="repetition_penalty is not supported"):
+    with pytest.raises(ValueError, match="prompt_logprobs is not supported"):
         llm.generate("The dog",
-                     SamplingParams(repetition_penalty=1.2),
+                     SamplingParams(prompt_logprobs=2),
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="logit_bias has token ids outside"):
+        llm.generate("The dog",
+                     SamplingParams(logit_bias={600: 1.0}),
                      use_tqdm=False)
     with pytest.raises(ValueError, match="greater than max allowed: 20"):
         llm.generate("The dog", SamplingParams(logprobs=21), use_tqdm=False)

@@ -3,55 +3,17 @@
 Statistical tests draw many rows in one batch under a fixed seed, so they
 are deterministic; their tolerances would still hold for other seeds.
 """
+import dataclasses
+
 import pytest
 import torch
 
-from vllm.model_executor.layers.sampler import Sampler
-from vllm.model_executor.sampling_metadata import SamplingMetadata
+from tests.samplers.utils import (NUM_DRAWS, assert_matches, draw_many,
+                                  make_metadata, sample)
+from vllm.model_executor.layers import sampler as sampler_module
+from vllm.model_executor.layers.sampler import (Sampler, compute_topk_logprobs,
+                                                top_k_top_p_threshold)
 from vllm.sampling_params import SamplingParams
-
-CPU = torch.device("cpu")
-NUM_DRAWS = 20_000
-
-
-def make_metadata(params: list[SamplingParams],
-                  vocab_size: int,
-                  generators: list[torch.Generator | None] | None = None,
-                  output_token_ids: list[list[int]] | None = None,
-                  device: torch.device = CPU) -> SamplingMetadata:
-    return SamplingMetadata.prepare(params,
-                                    generators=generators
-                                    or [None] * len(params),
-                                    output_token_ids=output_token_ids
-                                    or [[] for _ in params],
-                                    prompt_token_ids=[[] for _ in params],
-                                    vocab_size=vocab_size,
-                                    device=device)
-
-
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           **kwargs) -> torch.Tensor:
-    metadata = make_metadata(params, logits.shape[-1], **kwargs)
-    return Sampler()(logits, metadata).sampled_token_ids
-
-
-def draw_many(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """NUM_DRAWS samples from one row of logits [V]. -> counts [V]"""
-    torch.manual_seed(0)
-    batch = logits.expand(NUM_DRAWS, -1)
-    tokens = sample(batch, [params] * NUM_DRAWS)
-    return torch.bincount(tokens, minlength=logits.shape[-1])
-
-
-def assert_matches(counts: torch.Tensor, probs: torch.Tensor) -> None:
-    """Chi-square test of counts [V] against probs [V] (zero-probability
-    tokens must never be drawn)."""
-    assert counts[probs == 0].sum() == 0
-    expected = probs[probs > 0] * counts.sum()
-    observed = counts[probs > 0].double()
-    chi2 = ((observed - expected)**2 / expected).sum().item()
-    # The 99.99th percentile of chi-square with <= 10 degrees of freedom.
-    assert chi2 < 36.0, (counts, probs)
 
 
 def test_greedy_is_argmax():
@@ -311,6 +273,118 @@ def test_metadata_skips_unused_parameters():
     assert md.all_random
 
 
+def test_top_k_top_p_slice_matches_full_sort():
+    """top_k / top_p on the topk slice give the thresholds of a full sort."""
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(6, 300, generator=gen) * 2
+    params = [
+        SamplingParams(top_k=5),
+        SamplingParams(top_k=40, top_p=0.7, temperature=0.5),
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_k=1, top_p=0.2),
+        SamplingParams(top_k=30, top_p=0.95, temperature=2.0),
+        SamplingParams(),
+    ]
+    md = make_metadata(params, 300)
+    assert md.top_k_top_p_width == 40
+    sliced = top_k_top_p_threshold(logits, None, md)
+    full = top_k_top_p_threshold(logits, None,
+                                 dataclasses.replace(md, top_k_top_p_width=300))
+    assert sliced is not None and full is not None
+    torch.testing.assert_close(sliced, full)
+    assert sliced[[2, 5]].isneginf().all()
+    assert sliced[0] == logits[0].topk(5).values[-1]
+    # top_p on a row without top_k needs the full sort.
+    md = make_metadata([SamplingParams(top_p=0.5),
+                        SamplingParams(top_k=3)], 300)
+    assert md.top_k_top_p_width == 300
+
+
+def test_compute_topk_logprobs():
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(5, 50, generator=gen).to(torch.bfloat16)
+    token_ids = torch.tensor([3, 0, 49, 7, 7])
+    out = compute_topk_logprobs(logits, token_ids, 4)
+    raw = logits.float().log_softmax(dim=-1)
+    assert out.logprob_token_ids.shape == (5, 5)
+    assert out.logprobs.dtype == torch.float32
+    assert torch.equal(out.logprob_token_ids[:, 0], token_ids)
+    torch.testing.assert_close(out.logprobs[:, 0],
+                               raw.gather(1, token_ids[:, None]).squeeze(1))
+    top_logprobs, top_ids = raw.topk(4, dim=-1)
+    assert torch.equal(out.logprob_token_ids[:, 1:], top_ids)
+    torch.testing.assert_close(out.logprobs[:, 1:], top_logprobs)
+    ranks = [
+        int((raw[i] > raw[i, t]).sum()) + 1 for i, t in enumerate(token_ids)
+    ]
+    assert out.selected_token_ranks.tolist() == ranks
+    # Whole vocabulary, and k = 0.
+    assert compute_topk_logprobs(logits, token_ids,
+                                 -1).logprobs.shape == (5, 51)
+    assert compute_topk_logprobs(logits, token_ids, 0).logprobs.shape == (5, 1)
+
+
+def test_compute_topk_logprobs_in_chunks(monkeypatch):
+    gen = torch.Generator().manual_seed(10)
+    logits = torch.randn(7, 20, generator=gen)
+    token_ids = torch.randint(0, 20, (7, ), generator=gen)
+    whole = compute_topk_logprobs(logits, token_ids, 3)
+    monkeypatch.setattr(sampler_module, "_LOGPROBS_CHUNK_ELEMENTS", 40)
+    chunked = compute_topk_logprobs(logits, token_ids, 3)
+    for name in ("logprob_token_ids", "logprobs", "selected_token_ranks"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name))
+
+
+def test_all_features_in_one_batch():
+    """Every parameter at once, each row checked against its own rules."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 64, generator=gen) * 3
+    params = [
+        SamplingParams(temperature=0.0, presence_penalty=1.0, logprobs=2),
+        SamplingParams(seed=3,
+                       top_k=4,
+                       top_p=0.9,
+                       min_p=0.01,
+                       top_n_sigma=1.5,
+                       repetition_penalty=1.2),
+        SamplingParams(allowed_token_ids=[1, 2, 3], logit_bias={2: 100.0}),
+        SamplingParams(temperature=0.0, bad_words=["w"]),
+        SamplingParams(top_n_sigma=1e-6, frequency_penalty=2.0, logprobs=5),
+        SamplingParams(temperature=0.0,
+                       min_tokens=2,
+                       stop_token_ids=[int(logits[5].argmax())]),
+    ]
+    generators = [
+        None, torch.Generator().manual_seed(3), None, None, None, None
+    ]
+    outputs = [[int(logits[0].argmax())], [1, 2], [], [5], [7, 7], [1]]
+    best_3 = int(logits[3].argmax())
+    torch.manual_seed(0)
+    out = Sampler()(logits,
+                    make_metadata(params,
+                                  64,
+                                  generators=generators,
+                                  output_token_ids=outputs,
+                                  prompt_token_ids=[[0]] * 6,
+                                  bad_words_token_ids=[[], [], [], [[best_3]],
+                                                       [], []]))
+    tokens = out.sampled_token_ids.tolist()
+    first = logits[0].clone()
+    first[outputs[0][0]] -= 1.0
+    assert tokens[0] == int(first.argmax())
+    assert tokens[1] in logits[1].topk(4).indices.tolist()
+    assert tokens[2] == 2
+    assert tokens[3] != best_3
+    assert tokens[3] == int(logits[3].topk(2).indices[1])
+    fourth = logits[4].clone()
+    fourth[7] -= 4.0
+    assert tokens[4] == int(fourth.argmax())
+    assert tokens[5] == int(logits[5].topk(2).indices[1])
+    lp = out.logprobs_tensors
+    assert lp is not None and lp.logprobs.shape == (6, 6)
+    assert lp.logprob_token_ids[:, 0].tolist() == tokens
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_without_host_sync() -> None:
@@ -357,3 +431,76 @@ def test_cuda_matches_cpu_without_host_sync() -> None:
                                         1000, [generator],
                                         device=cuda))
         assert alone.sampled_token_ids.item() == sampled[row]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_all_features_without_host_sync() -> None:
+    cuda = torch.device("cuda")
+    vocab = 1000
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(8, vocab, generator=gen) * 3
+    params = [
+        SamplingParams(temperature=0.0,
+                       presence_penalty=0.5,
+                       frequency_penalty=0.5,
+                       repetition_penalty=1.3,
+                       logit_bias={1: 2.0},
+                       logprobs=3),
+        SamplingParams(seed=5, top_n_sigma=1.0, min_p=0.05, top_k=20,
+                       top_p=0.9),
+        SamplingParams(temperature=0.0, allowed_token_ids=[3, 4, 5]),
+        SamplingParams(temperature=0.0, bad_words=["w"]),
+        SamplingParams(top_p=0.8, logprobs=-1),
+        SamplingParams(top_n_sigma=1e-6, temperature=0.7),
+        SamplingParams(temperature=0.0,
+                       min_tokens=3,
+                       stop_token_ids=[int(logits[6].argmax())]),
+        SamplingParams(temperature=0.0,
+                       logits_processors=[lambda out, row: row.neg()]),
+    ]
+    outputs = [[1, 2, 2], [3], [], [9], [], [], [4], []]
+    prompts = [[7, 8]] * 8
+    bad_words = [[], [], [], [[int(logits[3].argmax())]], [], [], [], []]
+
+    def run(device: torch.device, row_logits: torch.Tensor,
+            generators: list[torch.Generator | None]):
+        metadata = make_metadata(params,
+                                 vocab,
+                                 generators,
+                                 output_token_ids=outputs,
+                                 device=device,
+                                 prompt_token_ids=prompts,
+                                 bad_words_token_ids=bad_words)
+        return Sampler()(row_logits, metadata)
+
+    def seeded(device: torch.device) -> list[torch.Generator | None]:
+        return [
+            None
+            if p.seed is None else torch.Generator(device).manual_seed(p.seed)
+            for p in params
+        ]
+
+    cpu_out = run(torch.device("cpu"), logits, seeded(torch.device("cpu")))
+    cuda_logits = logits.to(cuda)
+    generators = seeded(cuda)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run(cuda, cuda_logits, generators)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sampled = out.sampled_token_ids.cpu()
+    greedy = [0, 2, 3, 5, 6, 7]
+    assert sampled[greedy].tolist() == \
+        cpu_out.sampled_token_ids[greedy].tolist()
+    # Row 1 stays inside its top_k.
+    assert int(sampled[1]) in logits[1].topk(20).indices.tolist()
+    lp, cpu_lp = out.logprobs_tensors, cpu_out.logprobs_tensors
+    assert lp is not None and cpu_lp is not None
+    assert lp.logprobs.shape == (8, vocab + 1)
+    # Column 0 is the sampled token; the top-K columns do not depend on it.
+    torch.testing.assert_close(lp.logprobs[:, 1:].cpu(),
+                               cpu_lp.logprobs[:, 1:],
+                               rtol=1e-4,
+                               atol=1e-4)

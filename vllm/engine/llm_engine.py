@@ -149,16 +149,17 @@ class LLMEngine:
             raise ValueError(
                 f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})."
             )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("Stop strings need a tokenizer "
+        for name, ids in (("logit_bias", list(params.logit_bias or {})),
+                          ("allowed_token_ids", params.allowed_token_ids
+                           or [])):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name} has token ids outside the "
+                                 f"vocabulary [0, {vocab}): {bad[:10]}.")
+        if (params.stop or params.bad_words) and self.tokenizer is None:
+            raise ValueError("Stop strings and bad_words need a tokenizer "
                              "(skip_tokenizer_init=True was given).")
         not_yet = {
-            "presence_penalty": params.presence_penalty != 0.0,
-            "frequency_penalty": params.frequency_penalty != 0.0,
-            "repetition_penalty": params.repetition_penalty != 1.0,
-            "logit_bias": bool(params.logit_bias),
-            "allowed_token_ids": params.allowed_token_ids is not None,
-            "bad_words": bool(params.bad_words),
             "prompt_logprobs": params.prompt_logprobs is not None,
             "truncate_prompt_tokens": params.truncate_prompt_tokens is not None,
         }
@@ -188,6 +189,8 @@ class LLMEngine:
         tokens_prompt = self.preprocess_prompt(prompt, request_id)
         self._validate_params(params)
         params = params.clone()
+        if params.bad_words and self.tokenizer is not None:
+            params.update_from_tokenizer(self.tokenizer)
         params.update_from_generation_config(
             self.generation_config,
             getattr(self.model_config.hf_config, "eos_token_id", None))

@@ -1,9 +1,34 @@
-"""The sampler's per-step inputs, as tensors on the logits' device."""
+"""The sampler's per-step inputs, as tensors on the logits' device.
+
+``SamplingMetadata.prepare`` is the one place where per-request Python values
+become tensors: every list is gathered on the host, packed into one int64 and
+one float32 buffer, and copied to the device in two asynchronous transfers.
+The sampler then never loops over requests (except for seeded generators and
+per-request logits processors) and never syncs with the host.
+"""
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from vllm.sampling_params import SamplingParams, SamplingType
+from vllm.sampling_params import (LogitsProcessor, SamplingParams, SamplingType,
+                                  logits_processor_takes_prompt)
+
+
+@dataclass
+class PenaltyTensors:
+    """What presence, frequency and repetition penalties need; built only
+    when some row uses one. A "key" is ``row * vocab_size + token_id``, the
+    position of (row, token) in the flattened logits."""
+    presence: torch.Tensor  # [N] float32; 0.0 is off
+    frequency: torch.Tensor  # [N] float32; 0.0 is off
+    repetition: torch.Tensor  # [N] float32; 1.0 is off
+    # Every output token of every penalised row (repeats kept: they count).
+    output_keys: torch.Tensor  # [T_out] int64
+    # Every prompt token of the rows with a repetition penalty.
+    prompt_keys: torch.Tensor  # [T_prompt] int64
 
 
 @dataclass
@@ -12,7 +37,8 @@ class SamplingMetadata:
     samples a token this step (row i of the logits).
 
     Built once per step by ``prepare``: a parameter's tensor is None when no
-    row uses it, so the sampler skips that step entirely.
+    row uses it, so the sampler skips that step entirely. Index pairs
+    ``(rows [M], cols [M])`` address single logits.
     """
     temperature: torch.Tensor  # [N] float32; 1.0 on greedy rows
     is_greedy: torch.Tensor  # [N] bool
@@ -20,30 +46,75 @@ class SamplingMetadata:
     all_random: bool  # no greedy row
     top_p: torch.Tensor | None  # [N] float32
     top_k: torch.Tensor | None  # [N] int64; "off" is vocab_size
+    # How many of each row's largest logits top_k and top_p look at: the
+    # largest top_k, or vocab_size (a full sort) when some row uses top_p
+    # without top_k. 0 when neither is used.
+    top_k_top_p_width: int
     min_p: torch.Tensor | None  # [N] float32
+    top_n_sigma: torch.Tensor | None  # [N] float32; 0.0 is off
     # Row -> its request's own generator, for seeded rows only.
     generators: dict[int, torch.Generator]
     # Top logprobs to return (the batch's largest request); None: no row asked.
     max_num_logprobs: int | None
     # Positions that min_tokens forbids (row, token id): (rows [M], cols [M]).
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None
-    # Kept as lists for the sampling steps that need the history.
+    penalties: PenaltyTensors | None
+    # (rows [B], cols [B]) and the bias [B] float32 added there.
+    logit_bias: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    # The rows that have allowed_token_ids [R], and (rows [A], cols [A]): the
+    # tokens they allow. Every other logit of those rows becomes -inf.
+    allowed_token_ids: tuple[torch.Tensor, tuple[torch.Tensor,
+                                                 torch.Tensor]] | None
+    # The last token of every bad word whose prefix ends the output:
+    # (rows [M], cols [M]).
+    bad_words_mask: tuple[torch.Tensor, torch.Tensor] | None
+    # Some logits may be -inf before truncation (a mask above, or a logits
+    # processor): top-nσ then takes σ over the finite logits only.
+    has_masked_tokens: bool
+    # Rows with per-request logits processors, each with whether it takes
+    # the prompt (the three-argument form).
+    logits_processors: list[tuple[int, list[tuple[LogitsProcessor, bool]]]]
+    # Kept as lists for the logits processors.
     output_token_ids: list[list[int]]
     prompt_token_ids: list[list[int]]
 
+    @property
+    def edits_logits(self) -> bool:
+        """Whether some step before sampling changes the logits."""
+        return bool(self.logits_processors or self.min_tokens_mask is not None
+                    or self.penalties is not None or self.logit_bias is not None
+                    or self.allowed_token_ids is not None
+                    or self.bad_words_mask is not None)
+
     @classmethod
-    def prepare(cls, params: list[SamplingParams],
-                generators: list[torch.Generator | None],
-                output_token_ids: list[list[int]],
-                prompt_token_ids: list[list[int]], vocab_size: int,
-                device: torch.device) -> "SamplingMetadata":
+    def prepare(
+            cls,
+            params: list[SamplingParams],
+            generators: list[torch.Generator | None],
+            output_token_ids: list[list[int]],
+            prompt_token_ids: list[list[int]],
+            vocab_size: int,
+            device: torch.device,
+            bad_words_token_ids: list[list[list[int]]] | None = None,
+            history_cache: "TokenHistoryCache | None" = None
+    ) -> "SamplingMetadata":
         """Build the metadata of one step; every list has one entry per row.
 
         ``generators[i]`` is the seeded generator of row i's request (on
         ``device``), None for unseeded rows. ``vocab_size`` is the width of
-        the logits.
+        the logits; token ids in the prompts and outputs must be below it.
+        ``bad_words_token_ids[i]`` is row i's bad words as token id
+        sequences (see ``tokenize_bad_words``); when it is None, each row's
+        ``params.bad_words_token_ids`` is used (``update_from_tokenizer``).
+        Ids of logit_bias, allowed_token_ids, bad words and stop tokens
+        outside [0, vocab_size) are ignored: the engine rejects them first.
+        ``history_cache`` (one per engine, passed at every step) keeps the
+        penalised rows' token histories converted between steps; without
+        it, every step converts them all.
         """
+        host = _HostBuffers(device)
         is_greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
+        all_greedy = all(is_greedy)
         # Greedy rows divide by 1.0: they are sampled and then discarded.
         temperature = [
             1.0 if greedy else p.temperature
@@ -56,6 +127,14 @@ class SamplingMetadata:
         use_top_k = any(k < vocab_size for k in top_k)
         use_top_p = any(p.top_p < 1.0 for p in params)
         use_min_p = any(p.min_p > 0.0 for p in params)
+        top_n_sigma = [p.top_n_sigma or 0.0 for p in params]
+        use_top_n_sigma = any(top_n_sigma)
+        width = 0
+        if use_top_p and any(p.top_p < 1.0 and k == vocab_size
+                             for p, k in zip(params, top_k)):
+            width = vocab_size
+        elif use_top_k:
+            width = max(k for k in top_k if k < vocab_size)
 
         # -1 asks for the whole vocabulary.
         num_logprobs = [
@@ -72,31 +151,281 @@ class SamplingMetadata:
                 mask_rows += [row] * len(cols)
                 mask_cols += cols
 
-        # Pinned host memory makes the copy asynchronous: no device sync.
-        pin_memory = device.type == "cuda"
+        bad_rows, bad_cols = _bad_words_to_mask(params, output_token_ids,
+                                                bad_words_token_ids, vocab_size)
+        processors = [(row, [(fn, bool(logits_processor_takes_prompt(fn)))
+                             for fn in p.logits_processors])
+                      for row, p in enumerate(params) if p.logits_processors]
 
-        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            host = torch.tensor(values, dtype=dtype, pin_memory=pin_memory)
-            return host.to(device, non_blocking=True)
+        # Everything goes through `host`; `get` hands out device tensors
+        # once both buffers have been copied.
+        host.add("temperature", temperature, np.float32)
+        host.add("is_greedy", is_greedy, np.int64)
+        if use_top_p:
+            host.add("top_p", [p.top_p for p in params], np.float32)
+        if use_top_k:
+            host.add("top_k", top_k, np.int64)
+        if use_min_p:
+            host.add("min_p", [p.min_p for p in params], np.float32)
+        if use_top_n_sigma:
+            host.add("top_n_sigma", top_n_sigma, np.float32)
+        if mask_rows:
+            host.add("min_tokens_rows", mask_rows, np.int64)
+            host.add("min_tokens_cols", mask_cols, np.int64)
+        if bad_rows:
+            host.add("bad_rows", bad_rows, np.int64)
+            host.add("bad_cols", bad_cols, np.int64)
+        use_penalties = _add_penalties(host, params, output_token_ids,
+                                       prompt_token_ids, vocab_size,
+                                       history_cache)
+        use_logit_bias = _add_logit_bias(host, params, vocab_size)
+        use_allowed = _add_allowed_token_ids(host, params, vocab_size)
+        get = host.to_device()
+
+        def pair(rows: str, cols: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return get(rows), get(cols)
 
         return cls(
-            temperature=to_device(temperature, torch.float32),
-            is_greedy=to_device(is_greedy, torch.bool),
-            all_greedy=all(is_greedy),
+            temperature=get("temperature"),
+            is_greedy=get("is_greedy") != 0,
+            all_greedy=all_greedy,
             all_random=not any(is_greedy),
-            top_p=(to_device([p.top_p for p in params], torch.float32)
-                   if use_top_p else None),
-            top_k=to_device(top_k, torch.int64) if use_top_k else None,
-            min_p=(to_device([p.min_p for p in params], torch.float32)
-                   if use_min_p else None),
+            top_p=get("top_p") if use_top_p else None,
+            top_k=get("top_k") if use_top_k else None,
+            top_k_top_p_width=width,
+            min_p=get("min_p") if use_min_p else None,
+            top_n_sigma=get("top_n_sigma") if use_top_n_sigma else None,
             generators={
                 row: gen
                 for row, gen in enumerate(generators) if gen is not None
             },
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
-            min_tokens_mask=((to_device(mask_rows, torch.int64),
-                              to_device(mask_cols, torch.int64))
+            min_tokens_mask=(pair("min_tokens_rows", "min_tokens_cols")
                              if mask_rows else None),
+            penalties=PenaltyTensors(
+                presence=get("presence"),
+                frequency=get("frequency"),
+                repetition=get("repetition"),
+                output_keys=get("output_keys"),
+                prompt_keys=get("prompt_keys"),
+            ) if use_penalties else None,
+            logit_bias=((pair("bias_rows", "bias_cols"),
+                         get("bias_values")) if use_logit_bias else None),
+            allowed_token_ids=((get("allowed_row_ids"),
+                                pair("allowed_rows", "allowed_cols"))
+                               if use_allowed else None),
+            bad_words_mask=pair("bad_rows", "bad_cols") if bad_rows else None,
+            has_masked_tokens=bool(mask_rows or bad_rows or use_allowed
+                                   or processors),
+            logits_processors=processors,
             output_token_ids=output_token_ids,
             prompt_token_ids=prompt_token_ids,
         )
+
+
+def _bad_words_to_mask(params: list[SamplingParams],
+                       output_token_ids: list[list[int]],
+                       bad_words_token_ids: list[list[list[int]]] | None,
+                       vocab_size: int) -> tuple[list[int], list[int]]:
+    """The (row, token) pairs that bad words forbid this step: the last
+    token of each bad word whose other tokens end the output (a one-token
+    bad word is always forbidden)."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for row, (p, output) in enumerate(zip(params, output_token_ids)):
+        words: list[list[int]] | None
+        if bad_words_token_ids is not None:
+            words = bad_words_token_ids[row]
+        else:
+            words = p.bad_words_token_ids
+            if words is None and p.bad_words:
+                raise ValueError(
+                    f"bad_words {p.bad_words!r} have no token ids: call "
+                    "SamplingParams.update_from_tokenizer or pass "
+                    "bad_words_token_ids to SamplingMetadata.prepare.")
+        for word in words or ():
+            prefix_len = len(word) - 1
+            if prefix_len < 0 or prefix_len > len(output):
+                continue  # empty, or its prefix is longer than the output
+            if not 0 <= word[-1] < vocab_size:
+                continue
+            if prefix_len == 0 or output[-prefix_len:] == word[:-1]:
+                rows.append(row)
+                cols.append(word[-1])
+    return rows, cols
+
+
+def _add_penalties(host: "_HostBuffers", params: list[SamplingParams],
+                   output_token_ids: list[list[int]],
+                   prompt_token_ids: list[list[int]], vocab_size: int,
+                   history_cache: "TokenHistoryCache | None") -> bool:
+    """Per-row penalties and the keys of the tokens they touch."""
+    penalised = [
+        row for row, p in enumerate(params) if p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+    ]
+    if history_cache is not None:
+        history_cache.start_step()
+    if not penalised:
+        return False
+    # Only the repetition penalty looks at the prompt.
+    repeated = [
+        row for row in penalised if params[row].repetition_penalty != 1.0
+    ]
+    host.add("presence", [p.presence_penalty for p in params], np.float32)
+    host.add("frequency", [p.frequency_penalty for p in params], np.float32)
+    host.add("repetition", [p.repetition_penalty for p in params], np.float32)
+    host.add(
+        "output_keys",
+        _token_keys(penalised, output_token_ids, vocab_size, history_cache),
+        np.int64)
+    host.add("prompt_keys",
+             _token_keys(repeated, prompt_token_ids, vocab_size, history_cache),
+             np.int64)
+    return True
+
+
+def _token_keys(rows: list[int], token_ids: list[list[int]], vocab_size: int,
+                history_cache: "TokenHistoryCache | None") -> np.ndarray:
+    """``row * vocab_size + token`` for every token of the given rows."""
+    lists = [token_ids[row] for row in rows]
+    lengths = [len(ids) for ids in lists]
+    if history_cache is None:
+        flat = np.fromiter(itertools.chain.from_iterable(lists),
+                           dtype=np.int64,
+                           count=sum(lengths))
+    else:
+        flat = np.concatenate([history_cache.get(ids) for ids in lists] +
+                              [np.empty(0, dtype=np.int64)])
+    return flat + np.repeat(
+        np.asarray(rows, dtype=np.int64) * vocab_size, lengths)
+
+
+class TokenHistoryCache:
+    """Token histories as int64 arrays, kept from one step to the next so
+    that a step converts only the tokens that are new.
+
+    NOTE: it relies on the engine passing the same list objects at every
+    step, which only grow by appending (``Sequence``'s prompt and output
+    lists do). An entry is keyed by its list and holds it, so the key
+    stays unique; a list that shrank or whose last cached token changed is
+    converted again. Lists not used in a step are dropped at the next.
+    """
+
+    def __init__(self) -> None:
+        # id(list) -> [the list, buffer, tokens in the buffer, last token]
+        self._previous: dict[int, list] = {}
+        self._current: dict[int, list] = {}
+
+    def start_step(self) -> None:
+        """Forget the lists that the last step did not use."""
+        self._previous, self._current = self._current, {}
+
+    def get(self, tokens: list[int]) -> np.ndarray:
+        """``tokens`` as an int64 array (a view: do not modify it)."""
+        key = id(tokens)
+        entry = self._current.get(key) or self._previous.get(key)
+        num_tokens = len(tokens)
+        if entry is None or entry[0] is not tokens or not (
+                entry[2] <= num_tokens and
+            (entry[2] == 0 or tokens[entry[2] - 1] == entry[3])):
+            # New, or not grown by appending: convert it all, with room to
+            # grow.
+            buffer = np.empty(max(16, 2 * num_tokens), dtype=np.int64)
+            buffer[:num_tokens] = tokens
+            entry = [tokens, buffer, 0, None]
+        else:
+            done = entry[2]
+            if num_tokens > done:
+                buffer = entry[1]
+                if num_tokens > len(buffer):
+                    grown = np.empty(2 * num_tokens, dtype=np.int64)
+                    grown[:done] = buffer[:done]
+                    entry[1] = buffer = grown
+                buffer[done:num_tokens] = tokens[done:]
+        entry[2] = num_tokens
+        entry[3] = tokens[-1] if tokens else None
+        self._current[key] = entry
+        return entry[1][:num_tokens]
+
+
+def _add_logit_bias(host: "_HostBuffers", params: list[SamplingParams],
+                    vocab_size: int) -> bool:
+    biased = [(row, p.logit_bias) for row, p in enumerate(params)
+              if p.logit_bias]
+    if not biased:
+        return False
+    rows, cols = _pairs([row for row, _ in biased],
+                        [list(bias) for _, bias in biased])
+    values = np.fromiter(itertools.chain.from_iterable(bias.values()
+                                                       for _, bias in biased),
+                         dtype=np.float32,
+                         count=len(cols))
+    keep = cols < vocab_size
+    host.add("bias_rows", rows[keep], np.int64)
+    host.add("bias_cols", cols[keep], np.int64)
+    host.add("bias_values", values[keep], np.float32)
+    return True
+
+
+def _add_allowed_token_ids(host: "_HostBuffers", params: list[SamplingParams],
+                           vocab_size: int) -> bool:
+    allowed = [(row, p.allowed_token_ids) for row, p in enumerate(params)
+               if p.allowed_token_ids is not None]
+    if not allowed:
+        return False
+    rows, cols = _pairs([row for row, _ in allowed],
+                        [ids for _, ids in allowed])
+    keep = cols < vocab_size
+    host.add("allowed_row_ids", [row for row, _ in allowed], np.int64)
+    host.add("allowed_rows", rows[keep], np.int64)
+    host.add("allowed_cols", cols[keep], np.int64)
+    return True
+
+
+def _pairs(rows: list[int],
+           cols: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) pairs: each row repeated once for each of its cols."""
+    lengths = [len(c) for c in cols]
+    flat = np.fromiter(itertools.chain.from_iterable(cols),
+                       dtype=np.int64,
+                       count=sum(lengths))
+    return np.repeat(np.asarray(rows, dtype=np.int64), lengths), flat
+
+
+class _HostBuffers:
+    """Named host arrays, copied to the device in two transfers (one int64,
+    one float32) from pinned memory: asynchronous, no device sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.arrays: dict[type, list[np.ndarray]] = {
+            np.int64: [],
+            np.float32: []
+        }
+        self.slices: dict[str, tuple[type, int, int]] = {}
+
+    def add(self, name: str, values: Sequence | np.ndarray,
+            dtype: type) -> None:
+        array: np.ndarray = np.asarray(values, dtype=dtype).reshape(-1)
+        arrays = self.arrays[dtype]
+        start = sum(len(a) for a in arrays)
+        arrays.append(array)
+        self.slices[name] = (dtype, start, start + len(array))
+
+    def to_device(self) -> Callable[[str], torch.Tensor]:
+        on_device: dict[type, torch.Tensor] = {}
+        pin_memory = self.device.type == "cuda"
+        for dtype, arrays in self.arrays.items():
+            size = sum(len(a) for a in arrays)
+            torch_dtype = torch.int64 if dtype is np.int64 else torch.float32
+            buffer = torch.empty(size, dtype=torch_dtype, pin_memory=pin_memory)
+            if arrays:
+                np.concatenate(arrays, out=buffer.numpy())
+            on_device[dtype] = buffer.to(self.device, non_blocking=True)
+
+        def get(name: str) -> torch.Tensor:
+            dtype, start, end = self.slices[name]
+            return on_device[dtype][start:end]
+
+        return get

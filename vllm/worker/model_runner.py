@@ -15,7 +15,8 @@ from vllm.config import VllmConfig
 from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import LogprobsTensors, Sampler
 from vllm.model_executor.model_loader import get_model
-from vllm.model_executor.sampling_metadata import SamplingMetadata
+from vllm.model_executor.sampling_metadata import (SamplingMetadata,
+                                                   TokenHistoryCache)
 from vllm.sampling_params import SamplingParams
 from vllm.sequence import ScheduledSequence
 
@@ -37,6 +38,8 @@ class ModelRunner:
         self.device = vllm_config.device_config.device
         self.pin_memory = self.device.type == "cuda"
         self.sampler = Sampler()
+        # Penalised rows' token histories, kept on the device between steps.
+        self.history_cache = TokenHistoryCache()
         # forward(input_ids, positions) and compute_logits(hidden_states)
         self.model: Any
 
@@ -125,7 +128,8 @@ class ModelRunner:
             [s.output_token_ids for s in sampling_seqs],
             [s.prompt_token_ids for s in sampling_seqs],
             vocab_size=logits.shape[-1],
-            device=self.device)
+            device=self.device,
+            history_cache=self.history_cache)
         out = self.sampler(logits, metadata)
         # The one device -> host copy of the step.
         sampled = out.sampled_token_ids.tolist()

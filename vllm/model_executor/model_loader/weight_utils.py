@@ -137,7 +137,7 @@ def safetensors_weights_iterator(
                 if end > begin:
                     f.seek(base + begin)
                     buffer = tensor.reshape(-1).view(torch.uint8).numpy()
-                    if f.readinto(memoryview(buffer)) != end - begin:
+                    if f.readinto(buffer.data) != end - begin:
                         raise ValueError(f"{file} is truncated: tensor {name} "
                                          "ends past the end of the file.")
                 yield name, tensor
