@@ -23,8 +23,8 @@ the same on both scales, min_p and top-p take T into account.
 
 Everything stays on the logits' device; nothing here syncs with the host.
 The input logits are never modified: logprobs are those of the raw model
-output, as in vLLM V1 (``compute_topk_logprobs``, which the engine also
-uses for prompt logprobs).
+output, as in vLLM V1 (``compute_topk_logprobs``, written so that prompt
+logprobs can reuse it once the engine computes them).
 """
 from dataclasses import dataclass
 
