@@ -189,8 +189,14 @@ class VllmConfig:
     scheduler_config: SchedulerConfig
     parallel_config: ParallelConfig
     device_config: DeviceConfig
+    # CUDA graphs for decode batches unless enforce_eager; batches with a
+    # sequence longer than max_seq_len_to_capture run eagerly.
     enforce_eager: bool = False
+    max_seq_len_to_capture: int = 8192
 
     def __post_init__(self) -> None:
         if self.scheduler_config.max_model_len != self.model_config.max_model_len:
             raise ValueError("scheduler and model disagree on max_model_len.")
+        if self.max_seq_len_to_capture < 1:
+            raise ValueError("max_seq_len_to_capture must be >= 1, got "
+                             f"{self.max_seq_len_to_capture}.")

@@ -149,7 +149,8 @@ class EngineArgs:
                           parallel_config=ParallelConfig(
                               self.tensor_parallel_size),
                           device_config=device_config,
-                          enforce_eager=self.enforce_eager)
+                          enforce_eager=self.enforce_eager,
+                          max_seq_len_to_capture=self.max_seq_len_to_capture)
 
 
 def _default_batch_limits(device: torch.device) -> tuple[int, int]:

@@ -39,10 +39,13 @@ class CacheEngine:
                                               model_config.num_kv_heads,
                                               model_config.head_size)
 
+        # One block more than the scheduler hands out: padding rows of CUDA
+        # graphs write their keys and values there.
+        self.pad_block = num_blocks
         # Zeros, not empty: attention multiplies masked-out (zero-weight)
         # slots by their values, and 0 * NaN from stale memory would be NaN.
         self.kv_caches = [
-            torch.zeros(shape(num_blocks),
+            torch.zeros(shape(num_blocks + 1),
                         dtype=model_config.dtype,
                         device=device) for _ in range(model_config.num_layers)
         ]

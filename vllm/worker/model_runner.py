@@ -1,24 +1,31 @@
 """Turns scheduled sequences into one flattened batch, runs the model and samples.
 
-Per step: the host builds small per-sequence arrays (one copy each to the device);
-positions and cache slots are derived on the device; the only device-to-host copy is
-the sampled token ids (and their logprobs when asked for).
+Per step: the host lays the batch out in persistent pinned buffers
+(``InputBuffers``) and sends each field with one non-blocking copy; decode-only
+batches on CUDA replay a captured CUDA graph (``CUDAGraphRunner``) instead of
+launching the model's kernels one by one. The only device-to-host copy is the
+sampled token ids (and their logprobs when asked for).
 """
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vllm.attention import Attention, AttentionMetadata
+from vllm.attention import Attention
 from vllm.config import VllmConfig
+from vllm.core.block_manager import cdiv
 from vllm.forward_context import set_forward_context
+from vllm.logger import init_logger
 from vllm.model_executor.layers.sampler import LogprobsTensors, Sampler
 from vllm.model_executor.model_loader import get_model
 from vllm.model_executor.sampling_metadata import (SamplingMetadata,
                                                    TokenHistoryCache)
 from vllm.sampling_params import SamplingParams
 from vllm.sequence import ScheduledSequence
+from vllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes
+from vllm.worker.input_buffers import InputBuffers
+
+logger = init_logger(__name__)
 
 
 @dataclass
@@ -36,12 +43,23 @@ class ModelRunner:
         self.model_config = vllm_config.model_config
         self.block_size = vllm_config.cache_config.block_size
         self.device = vllm_config.device_config.device
-        self.pin_memory = self.device.type == "cuda"
         self.sampler = Sampler()
         # Penalised rows' token histories, kept on the device between steps.
         self.history_cache = TokenHistoryCache()
         # forward(input_ids, positions) and compute_logits(hidden_states)
         self.model: Any
+        sched = vllm_config.scheduler_config
+        self.use_cuda_graphs = (self.device.type == "cuda"
+                                and not vllm_config.enforce_eager)
+        self.graph_sizes = (capture_sizes(sched.max_num_seqs)
+                            if self.use_cuda_graphs else [])
+        self.buffers = InputBuffers(
+            max_tokens=max([sched.max_num_batched_tokens, *self.graph_sizes]),
+            max_seqs=max([sched.max_num_seqs, *self.graph_sizes]),
+            max_blocks=cdiv(self.model_config.max_model_len, self.block_size),
+            block_size=self.block_size,
+            device=self.device)
+        self.graph_runner: CUDAGraphRunner | None = None
 
     def load_model(self) -> None:
         self.model = get_model(self.model_config,
@@ -50,74 +68,63 @@ class ModelRunner:
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.model.modules() if isinstance(m, Attention)]
 
-    def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+    def bind_kv_caches(self, kv_caches: list[torch.Tensor],
+                       pad_block: int) -> None:
+        """Give each layer its cache; ``pad_block`` is a block no sequence
+        owns, where padding rows of CUDA graphs write."""
         for layer, cache in zip(self.attention_layers(), kv_caches,
                                 strict=True):
             layer.kv_cache = cache
+        self.buffers.pad_block = pad_block
 
-    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype, pin_memory=self.pin_memory)
-        return t.to(self.device, non_blocking=True)
+    def capture_cuda_graphs(self) -> None:
+        """Record the decode graphs (after the KV cache is bound)."""
+        if not self.use_cuda_graphs:
+            return
+        limit = min(self.vllm_config.max_seq_len_to_capture,
+                    self.model_config.max_model_len)
+        self.graph_runner = CUDAGraphRunner(self.model, self.buffers,
+                                            self.graph_sizes, limit)
+        with torch.inference_mode():
+            self.graph_runner.capture()
 
-    def _build_metadata(
-        self, query_lens: list[int], num_computed: list[int],
-        block_tables: list[list[int]]
-    ) -> tuple[AttentionMetadata, torch.Tensor]:
-        """The batch's attention metadata and the tokens' positions [T]."""
-        num_seqs = len(query_lens)
-        num_tokens = sum(query_lens)
-        seq_lens = [c + q for c, q in zip(num_computed, query_lens)]
-        max_blocks = max(1, max(len(bt) for bt in block_tables))
-        padded = [bt + [0] * (max_blocks - len(bt)) for bt in block_tables]
-        query_start_loc = [0] * (num_seqs + 1)
-        for i, q in enumerate(query_lens):
-            query_start_loc[i + 1] = query_start_loc[i] + q
-
-        qsl = self._to_device(query_start_loc, torch.int32)
-        computed = self._to_device(num_computed, torch.int64)
-        tables = self._to_device(padded, torch.int32)
-        q_lens = self._to_device(query_lens, torch.int64)
-        # token -> its sequence, and its absolute position in that sequence
-        seq_idx = torch.repeat_interleave(torch.arange(num_seqs,
-                                                       device=self.device),
-                                          q_lens,
-                                          output_size=num_tokens)
-        offsets = torch.arange(num_tokens, device=self.device) - qsl[seq_idx]
-        positions = computed[seq_idx] + offsets
-        slots = (tables[seq_idx, positions // self.block_size].long() *
-                 self.block_size + positions % self.block_size)
-        return AttentionMetadata(
-            num_actual_tokens=num_tokens,
-            num_decodes=sum(1 for q in query_lens if q == 1),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_start_loc=qsl,
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            block_tables=tables,
-            slot_mapping=slots), positions
+    def _forward(self, seqs: list[ScheduledSequence],
+                 sample_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of the batch and the rows that give logits."""
+        token_ids = [s.token_ids for s in seqs]
+        num_computed = [s.num_computed_tokens for s in seqs]
+        tables = [s.block_table for s in seqs]
+        size = None
+        if self.graph_runner is not None and all(
+                len(t) == 1 for t in token_ids):
+            size = self.graph_runner.padded_size(
+                len(seqs), max(c + 1 for c in num_computed))
+        if size is None:
+            input_ids, positions, logits_indices, metadata = (
+                self.buffers.prepare(token_ids, num_computed, tables,
+                                     sample_rows))
+            with set_forward_context(metadata):
+                return self.model(input_ids, positions), logits_indices
+        assert self.graph_runner is not None
+        _, _, logits_indices, _ = self.buffers.prepare(
+            token_ids,
+            num_computed,
+            tables,
+            sample_rows,
+            pad_to=size,
+            max_seq_len=self.graph_runner.max_seq_len)
+        return self.graph_runner.replay(size), logits_indices
 
     @torch.inference_mode()
     def execute_model(self,
                       scheduled: list[ScheduledSequence]) -> ModelRunnerOutput:
         if not scheduled:  # a step that only swapped blocks
             return ModelRunnerOutput([], [], None)
-        # NOTE: the attention backend needs decodes (one query token) first.
+        # NOTE: the attention backends need decodes (one query token) first.
         seqs = sorted(scheduled, key=lambda s: len(s.token_ids) > 1)
-        input_ids = list(
-            itertools.chain.from_iterable(s.token_ids for s in seqs))
-        query_lens = [len(s.token_ids) for s in seqs]
-        attn_metadata, positions = self._build_metadata(
-            query_lens, [s.num_computed_tokens for s in seqs],
-            [s.block_table for s in seqs])
-
         # The last token of each sequence that samples gives the logits.
         sample_rows = [i for i, s in enumerate(seqs) if s.do_sample]
-        ends = attn_metadata.query_start_loc[1:]
-        logits_indices = ends[self._to_device(sample_rows, torch.int64)] - 1
-
-        with set_forward_context(attn_metadata):
-            hidden_states = self.model(self._to_device(input_ids, torch.int64),
-                                       positions)
+        hidden_states, logits_indices = self._forward(seqs, sample_rows)
         if not sample_rows:
             return ModelRunnerOutput([], [], None)
         logits = self.model.compute_logits(hidden_states[logits_indices])
@@ -145,25 +152,36 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
         """A forward of ``num_tokens`` tokens and sampling of ``num_seqs`` rows,
-        without a KV cache, so that peak activation memory can be measured.
+        so that peak activation memory can be measured before the KV cache
+        exists.
 
-        The tokens form the fewest, longest sequences (max_model_len each):
-        the attention's padded score tensors are largest then.
+        The tokens form the fewest, longest sequences (max_model_len each), and
+        every layer writes into one shared scratch cache just large enough for
+        them: the real kernels run (and compile) on a batch's worst case.
         """
         max_len = self.model_config.max_model_len
         lens = [max_len] * (num_tokens // max_len)
         if num_tokens % max_len:
             lens.append(num_tokens % max_len)
-        # Block tables of the right length keep the slot arithmetic in range;
-        # nothing is written since there is no cache yet.
-        tables = [[0] * -(-n // self.block_size) for n in lens]
-        attn_metadata, positions = self._build_metadata(lens, [0] * len(lens),
-                                                        tables)
-        input_ids = torch.zeros(num_tokens,
-                                dtype=torch.int64,
-                                device=self.device)
-        with set_forward_context(attn_metadata):
+        tables, next_block = [], 0
+        for n in lens:
+            tables.append(
+                list(range(next_block, next_block + cdiv(n, self.block_size))))
+            next_block += cdiv(n, self.block_size)
+        layers = self.attention_layers()
+        backend = layers[0].backend
+        scratch = torch.zeros(backend.get_kv_cache_shape(
+            next_block + 1, self.block_size, self.model_config.num_kv_heads,
+            self.model_config.head_size),
+                              dtype=self.model_config.dtype,
+                              device=self.device)
+        self.bind_kv_caches([scratch] * len(layers), pad_block=next_block)
+        input_ids, positions, _, metadata = self.buffers.prepare(
+            [[0] * n for n in lens], [0] * len(lens), tables, [])
+        with set_forward_context(metadata):
             hidden_states = self.model(input_ids, positions)
+        for layer in layers:
+            layer.kv_cache = None
         rows = torch.arange(num_seqs, device=self.device) % num_tokens
         logits = self.model.compute_logits(hidden_states[rows])
         params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)

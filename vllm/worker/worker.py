@@ -70,7 +70,9 @@ class Worker:
         self.cache_engine = CacheEngine(self.vllm_config.model_config,
                                         self.vllm_config.cache_config, backend,
                                         num_blocks, self.device, num_cpu_blocks)
-        self.model_runner.bind_kv_caches(self.cache_engine.kv_caches)
+        self.model_runner.bind_kv_caches(self.cache_engine.kv_caches,
+                                         self.cache_engine.pad_block)
+        self.model_runner.capture_cuda_graphs()
 
     def execute_model(
         self,

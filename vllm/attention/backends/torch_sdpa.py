@@ -32,8 +32,10 @@ def write_to_paged_cache(key: torch.Tensor, value: torch.Tensor,
 def gather_context(cache: torch.Tensor, block_tables: torch.Tensor,
                    max_len: int) -> torch.Tensor:
     """cache [N, bs, Hkv, D], block_tables [B, nb] -> [B, Hkv, max_len, D]."""
-    batch = block_tables.shape[0]
-    blocks = cache[block_tables]  # [B, nb, bs, Hkv, D]
+    batch, block_size = block_tables.shape[0], cache.shape[1]
+    # Only the blocks that hold the longest context: tables may be wider.
+    num_blocks = -(-max_len // block_size)
+    blocks = cache[block_tables[:, :num_blocks]]  # [B, nb, bs, Hkv, D]
     context = blocks.view(batch, -1, *cache.shape[2:])[:, :max_len]
     return context.transpose(1, 2)
 
