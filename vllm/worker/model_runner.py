@@ -176,9 +176,9 @@ class ModelRunner:
                               dtype=self.model_config.dtype,
                               device=self.device)
         self.bind_kv_caches([scratch] * len(layers), pad_block=next_block)
-        input_ids, positions, _, metadata = self.buffers.prepare(
+        input_ids, positions, _, attn_metadata = self.buffers.prepare(
             [[0] * n for n in lens], [0] * len(lens), tables, [])
-        with set_forward_context(metadata):
+        with set_forward_context(attn_metadata):
             hidden_states = self.model(input_ids, positions)
         for layer in layers:
             layer.kv_cache = None
