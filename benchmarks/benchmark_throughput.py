@@ -61,6 +61,8 @@ class Result:
     total_prompt_tokens: int
     total_output_tokens: int
     note: str = ""  # how the backend ran the requests
+    # Backend-specific figures for the report (start-up time, GPU memory).
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def total_num_tokens(self) -> int:
@@ -131,10 +133,13 @@ def run_vllm(args: argparse.Namespace, requests: list[Request],
         # e.g. benchmarks/configs/*: a config.json and nothing else.
         engine_args.skip_tokenizer_init = True
         detokenize = False
+    start = time.perf_counter()
     if dataclasses.is_dataclass(engine_args):
         llm = LLM(**dataclasses.asdict(engine_args))
     else:
         llm = LLM(**vars(engine_args))
+    _synchronize()
+    startup = time.perf_counter() - start
 
     def params(r: Request) -> Any:
         return SamplingParams(n=args.n,
@@ -163,7 +168,31 @@ def run_vllm(args: argparse.Namespace, requests: list[Request],
     output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     note = ("vllm: no tokenizer files, skip_tokenizer_init=True"
             if engine_args.skip_tokenizer_init else "")
-    return Result(elapsed, len(requests), prompt_tokens, output_tokens, note)
+    extra = {"startup_time": startup, **gpu_memory_report(args)}
+    print(f"Start-up (LLM(...) until ready): {startup:.1f} s")
+    return Result(elapsed, len(requests), prompt_tokens, output_tokens, note,
+                  extra)
+
+
+def gpu_memory_report(args: argparse.Namespace) -> dict[str, float]:
+    """Peak GPU memory of this process against gpu_memory_utilization."""
+    if not torch.cuda.is_available():
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    gib = float(1 << 30)
+    stats = {
+        "gpu_total_gib": total / gib,
+        "gpu_budget_gib": total * args.gpu_memory_utilization / gib,
+        # torch's allocator peak; the device-wide figure adds the CUDA
+        # context, library workspaces and other processes.
+        "peak_torch_reserved_gib": torch.cuda.max_memory_reserved() / gib,
+        "device_used_at_end_gib": (total - free) / gib,
+    }
+    print("GPU memory: peak reserved by torch {peak_torch_reserved_gib:.2f} "
+          "GiB, device in use at the end {device_used_at_end_gib:.2f} GiB, "
+          "budget (gpu_memory_utilization x total) {gpu_budget_gib:.2f} of "
+          "{gpu_total_gib:.2f} GiB".format(**stats))
+    return stats
 
 
 def run_hf(args: argparse.Namespace, requests: list[Request],
@@ -385,6 +414,7 @@ def report(args: argparse.Namespace, result: Result,
                  dtype=args.dtype,
                  n=args.n,
                  note=result.note,
+                 **result.extra,
                  **env)
     if args.output_json:
         with open(args.output_json, "w") as f:

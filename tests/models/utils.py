@@ -4,6 +4,7 @@ tests/utils.py's comparisons take."""
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -88,13 +89,16 @@ def vllm_generate(model_dir: Path,
                   max_tokens: int,
                   device: str = "cpu",
                   dtype: str = "float32",
-                  max_model_len: int = 256) -> list[TokensTextLogprobs]:
-    """Greedy generation through ``LLM``, all prompts in one batch."""
+                  max_model_len: int = 256,
+                  **llm_kwargs: Any) -> list[TokensTextLogprobs]:
+    """Greedy generation through ``LLM``, all prompts in one batch;
+    ``llm_kwargs`` go to ``LLM`` (e.g. ``enforce_eager``)."""
     llm = LLM(str(model_dir),
               dtype=dtype,
               device=device,
               max_model_len=max_model_len,
-              gpu_memory_utilization=0.3)
+              gpu_memory_utilization=0.3,
+              **llm_kwargs)
     params = SamplingParams(temperature=0.0,
                             max_tokens=max_tokens,
                             ignore_eos=True,

@@ -29,7 +29,9 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads}).")
         self.layer_name = prefix
-        self.backend = attn_backend or get_attn_backend(head_size)
+        # Models are built under their device and dtype as torch defaults.
+        self.backend = attn_backend or get_attn_backend(
+            head_size, torch.get_default_dtype(), torch.get_default_device())
         self.impl = self.backend.get_impl_cls()(num_heads, head_size, scale,
                                                 self.num_kv_heads)
         # [2, num_blocks, block_size, num_kv_heads, head_size]; None until the

@@ -59,6 +59,12 @@ class AttentionBackend(ABC):
     def get_impl_cls() -> type[AttentionImpl]:
         ...
 
+    @classmethod
+    def unsupported_reason(cls, head_size: int, dtype: torch.dtype,
+                           device: torch.device) -> str | None:
+        """Why this backend cannot run a layer of this shape, or None."""
+        return None
+
     @staticmethod
     def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
                            head_size: int) -> tuple[int, ...]:
