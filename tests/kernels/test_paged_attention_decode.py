@@ -195,13 +195,15 @@ def test_decode_all_empty_sequences_write_zeros():
 
 
 def test_decode_strided_query_and_out():
-    """query as a slice of a fused [B, H + 2 Hkv, D] tensor, also at an
-    unaligned offset (copied by the op), and out as a strided view."""
+    """query as a slice of a fused [B, (H + 2 Hkv) * D] tensor (read in
+    place), also at an unaligned offset (copied by the op), and out as a
+    strided view."""
     torch.manual_seed(7)
     seq_lens = [33, 700, 1]
     num_heads, num_kv_heads, head_size = 8, 2, 96
     cache = PagedCache(seq_lens, num_kv_heads, head_size, 32, torch.float16)
-    fused = torch.randn(3, (num_heads + 2 * num_kv_heads) * head_size + 1,
+    # 8 spare columns keep the row stride a multiple of 16 bytes
+    fused = torch.randn(3, (num_heads + 2 * num_kv_heads) * head_size + 8,
                         dtype=torch.float16,
                         device="cuda")
     for offset in (0, 1):
