@@ -10,7 +10,11 @@ hides the installed torch, so GPU users install with
 Environment variables:
     VLLM_TARGET_DEVICE=cpu   never build the extension.
     TORCH_CUDA_ARCH_LIST     GPU architectures to compile for
-                             (default "8.0;8.6;8.9;9.0": sm_80 ... sm_90).
+                             (default "8.0;8.6;8.9;9.0": sm_80 ... sm_90;
+                             "9.0" alone builds about four times faster).
+    MAX_JOBS                 parallel compile jobs (torch's; with ninja).
+    NVCC_THREADS             architectures nvcc compiles in parallel within
+                             one source file (default 4).
 """
 import os
 import sys
@@ -69,7 +73,10 @@ def cuda_extension() -> tuple[list, dict]:
         sources=sources,
         extra_compile_args={
             "cxx": ["-O3"],
-            "nvcc": ["-O3", "--use_fast_math"],
+            "nvcc": [
+                "-O3", "--use_fast_math", "--threads",
+                os.environ.get("NVCC_THREADS", "4")
+            ],
         },
     )
     return [extension], {"build_ext": BuildExtension}

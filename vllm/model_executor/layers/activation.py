@@ -1,10 +1,34 @@
-"""Activation functions, including the fused gate * up ones of gated MLPs."""
+"""Activation functions, including the fused gate * up ones of gated MLPs.
+
+On CUDA (when ``vllm._C`` is built) the gated ones run the kernels of
+csrc/activation_kernels.cu, with the same numerics as their torch code,
+which everywhere else runs and is the reference.
+"""
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vllm import _custom_ops as ops
+
+
+def _gated_kernel_supports(x: torch.Tensor) -> bool:
+    """Whether the fused gate * up kernels handle x [..., 2d]."""
+    return (ops.kernels_usable(x)
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and x.dim() >= 1 and x.shape[-1] > 0 and x.shape[-1] % 2 == 0
+            and x.stride(-1) == 1)
+
+
+def _gated_kernel(kernel: Callable[[torch.Tensor, torch.Tensor], None],
+                  x: torch.Tensor) -> torch.Tensor:
+    """out [..., d] <- kernel(out, x [..., 2d]), leading dims flattened."""
+    d = x.shape[-1] // 2
+    out = torch.empty(x.shape[:-1] + (d, ), dtype=x.dtype, device=x.device)
+    kernel(out.view(-1, d), x.reshape(-1, 2 * d))
+    return out
 
 
 class SiluAndMul(nn.Module):
@@ -14,6 +38,12 @@ class SiluAndMul(nn.Module):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _gated_kernel_supports(x):
+            return _gated_kernel(ops.silu_and_mul, x)
+        return self._forward_torch(x)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference: plain torch, any device."""
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 
@@ -32,6 +62,14 @@ class GeluAndMul(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _gated_kernel_supports(x):
+            kernel = (ops.gelu_tanh_and_mul
+                      if self.approximate == "tanh" else ops.gelu_and_mul)
+            return _gated_kernel(kernel, x)
+        return self._forward_torch(x)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference: plain torch, any device."""
         d = x.shape[-1] // 2
         return F.gelu(x[..., :d], approximate=self.approximate) * x[..., d:]
 

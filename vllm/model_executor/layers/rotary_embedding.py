@@ -9,7 +9,10 @@ which rounds cos/sin to the model dtype first.
 
 Scaling variants (``rope_scaling["rope_type"]``, or the legacy ``"type"``):
 ``default``, ``linear``, ``dynamic`` (static form, see
-``DynamicNTKScalingRotaryEmbedding``) and ``llama3``.
+``DynamicNTKScalingRotaryEmbedding``) and ``llama3``. They differ only in the
+cache, so all share ``forward``, which on CUDA (when ``vllm._C`` is built)
+rotates in place with the kernel of csrc/pos_encoding_kernels.cu (same
+numerics as ``_rotate``) and otherwise runs ``_rotate``, the reference.
 """
 import math
 import weakref
@@ -17,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from vllm import _custom_ops as ops
 
 _DEFAULT_ROPE_THETA = 10000.0
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -80,6 +85,9 @@ class RotaryEmbedding(nn.Module):
     ``rotary_dim`` dims of each head are rotated, the rest pass through.
     ``is_neox_style``: rotate the two halves of those dims (Llama / HF
     ``rotate_half``); otherwise rotate interleaved pairs (GPT-J).
+
+    NOTE: on the CUDA kernel path query and key are rotated in place and
+    returned (the model's q/k are fresh slices of its qkv projection).
     """
 
     def __init__(self, head_size: int, rotary_dim: int,
@@ -140,6 +148,24 @@ class RotaryEmbedding(nn.Module):
             key: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         positions = positions.flatten()
+        if self._kernel_supports(positions, query, key):
+            return self._forward_kernel(positions, query, key)
+        return self._forward_torch(positions, query, key)
+
+    def _forward_kernel(
+            self, positions: torch.Tensor, query: torch.Tensor,
+            key: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The CUDA kernel: the same numerics as _forward_torch, in place."""
+        ops.rotary_embedding(positions, query, key, self.head_size,
+                             self.cos_sin_cache, self.is_neox_style)
+        return query, key
+
+    def _forward_torch(
+            self, positions: torch.Tensor, query: torch.Tensor,
+            key: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference: plain torch, any device (positions flattened)."""
         num_tokens = positions.shape[0]
         cos_sin = self.cos_sin_cache.index_select(0, positions)  # [T, rot]
         cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rot/2]
@@ -150,10 +176,47 @@ class RotaryEmbedding(nn.Module):
             key = self._rotate(k, cos, sin).view(key.shape)
         return query, key
 
+    def _kernel_supports(self, positions: torch.Tensor, query: torch.Tensor,
+                         key: torch.Tensor | None) -> bool:
+        """Whether the CUDA kernel handles these inputs: int64 positions,
+        query/key [T, heads * head_size] (or [T, heads, head_size]) whose
+        tokens may be strided but whose heads are contiguous."""
+        tensors = [positions, query, self.cos_sin_cache]
+        if key is not None:
+            tensors.append(key)
+        if not ops.kernels_usable(*tensors):
+            return False
+        if positions.dtype != torch.int64 or not positions.is_contiguous():
+            return False
+        if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return False
+        cache = self.cos_sin_cache
+        if (cache.dtype not in (torch.float32, query.dtype)
+                or not cache.is_contiguous()):
+            return False
+        if any(t.device != query.device for t in tensors):
+            return False
+        for x in (query, key):
+            if x is None:
+                continue
+            if (x.dtype != query.dtype or x.shape[0] != positions.shape[0]
+                    or not _heads_contiguous(x, self.head_size)):
+                return False
+        return True
+
     def extra_repr(self) -> str:
         return (f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, "
                 f"max_position_embeddings={self.max_position_embeddings}, "
                 f"base={self.base}, is_neox_style={self.is_neox_style}")
+
+
+def _heads_contiguous(x: torch.Tensor, head_size: int) -> bool:
+    """x is [T, H * head_size] or [T, H, head_size] with each token's
+    elements contiguous (rows may be strided)."""
+    if x.dim() == 2:
+        return x.stride(1) == 1 and x.shape[1] % head_size == 0
+    return (x.dim() == 3 and x.shape[2] == head_size and x.stride(2) == 1
+            and x.stride(1) == head_size)
 
 
 class LinearScalingRotaryEmbedding(RotaryEmbedding):
