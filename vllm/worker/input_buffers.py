@@ -120,8 +120,8 @@ class InputBuffers:
         metadata = AttentionMetadata(
             num_actual_tokens=tokens,
             num_decodes=num_decodes + rows - n,
-            max_query_len=int(q_lens.max()),
-            max_seq_len=max_seq_len or int(seq_lens.max()),
+            max_query_len=int(q_lens.max(initial=1)),
+            max_seq_len=max_seq_len or int(seq_lens.max(initial=1)),
             query_start_loc=self.query_start_loc.send(rows + 1),
             seq_lens=self.seq_lens.send(rows),
             block_tables=self.block_tables.send(rows),
