@@ -15,8 +15,8 @@ from vllm.config import VllmConfig
 from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import LogprobsTensors, Sampler
 from vllm.model_executor.model_loader import get_model
-from vllm.model_executor.sampling_metadata import (SamplingMetadata,
-                                                   TokenHistoryCache)
+from vllm.model_executor.sampling_metadata import SamplingMetadata
+from vllm.model_executor.sampling_state import SamplingState
 from vllm.sampling_params import SamplingParams
 from vllm.sequence import ScheduledSequence
 
@@ -38,8 +38,8 @@ class ModelRunner:
         self.device = vllm_config.device_config.device
         self.pin_memory = self.device.type == "cuda"
         self.sampler = Sampler()
-        # Penalised rows' token histories, kept on the device between steps.
-        self.history_cache = TokenHistoryCache()
+        # Sampling parameters and penalty counts, kept between steps.
+        self.sampling_state = SamplingState(self.device)
         # forward(input_ids, positions) and compute_logits(hidden_states)
         self.model: Any
 
@@ -122,23 +122,15 @@ class ModelRunner:
             return ModelRunnerOutput([], [], None)
         logits = self.model.compute_logits(hidden_states[logits_indices])
         sampling_seqs = [seqs[i] for i in sample_rows]
-        metadata = SamplingMetadata.prepare(
+        metadata = self.sampling_state.prepare(
+            [s.seq_id for s in sampling_seqs],
             [s.sampling_params
              for s in sampling_seqs], [s.generator for s in sampling_seqs],
             [s.output_token_ids for s in sampling_seqs],
             [s.prompt_token_ids for s in sampling_seqs],
-            vocab_size=logits.shape[-1],
-            device=self.device,
-            history_cache=self.history_cache)
-        out = self.sampler(logits, metadata)
+            vocab_size=logits.shape[-1])
         # The one device -> host copy of the step.
-        sampled = out.sampled_token_ids.tolist()
-        logprobs = None
-        if out.logprobs_tensors is not None:
-            lp = out.logprobs_tensors
-            logprobs = LogprobsTensors(lp.logprob_token_ids.cpu(),
-                                       lp.logprobs.cpu(),
-                                       lp.selected_token_ranks.cpu())
+        sampled, logprobs = self.sampler(logits, metadata).to_host()
         return ModelRunnerOutput([s.seq_id for s in sampling_seqs], sampled,
                                  logprobs)
 
@@ -166,8 +158,9 @@ class ModelRunner:
             hidden_states = self.model(input_ids, positions)
         rows = torch.arange(num_seqs, device=self.device) % num_tokens
         logits = self.model.compute_logits(hidden_states[rows])
-        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
-                  ] * num_seqs
+        # top_p without top_k: the sampler's largest temporaries (a draw
+        # over the whole vocabulary that keeps the logits for a recheck).
+        params = [SamplingParams(temperature=1.0, top_p=0.9)] * num_seqs
         metadata = SamplingMetadata.prepare(params, [None] * num_seqs,
                                             [[] for _ in range(num_seqs)],
                                             [[] for _ in range(num_seqs)],
