@@ -180,6 +180,8 @@ def test_candidate_draw_gives_the_whole_vocabulary_draw(monkeypatch, seed):
     beyond the sorted ones, long nuclei)."""
     monkeypatch.setattr(sampler_module, "_CANDIDATES", 16)
     monkeypatch.setattr(sampler_module, "_TIE_MARGIN", 2)
+    # Rows with only min_p / top-nσ too, as on CUDA.
+    monkeypatch.setattr(sampler_module, "_CANDIDATE_DRAW_DEVICES", ("cpu", ))
     params = seeded_batch()
     logits = logits_with_ties(len(params), seed)
     md = make_metadata(params, VOCAB)
@@ -188,7 +190,9 @@ def test_candidate_draw_gives_the_whole_vocabulary_draw(monkeypatch, seed):
     assert out.recheck is not None
     # Rows with a small min_p or top-nσ keep more than the sorted logits.
     assert out.recheck.rows[24:].any() and not out.recheck.rows[24:].all()
-    whole = dataclasses.replace(md, truncated_everywhere=False)
+    whole = dataclasses.replace(md,
+                                truncated_everywhere=False,
+                                top_k_top_p_everywhere=False)
     assert draw(logits, md) == draw(logits, whole)
 
 

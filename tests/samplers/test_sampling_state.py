@@ -94,6 +94,11 @@ def test_state_samples_as_prepare_across_steps():
         states = [g.get_state() if g else None for g in args[1]]
         fresh_md = SamplingMetadata.prepare(*args, VOCAB, CPU)
         saw_penalty_counts |= isinstance(kept_md.penalties, PenaltyCounts)
+        for name in ("all_greedy", "all_random", "top_k_top_p_width",
+                     "max_top_k", "truncated_everywhere",
+                     "top_k_top_p_everywhere", "top_k_everywhere",
+                     "max_num_logprobs", "has_masked_tokens"):
+            assert getattr(kept_md, name) == getattr(fresh_md, name), name
         assert torch.equal(edited(logits, kept_md), edited(logits, fresh_md))
 
         torch.manual_seed(step)

@@ -71,6 +71,8 @@ class SamplingMetadata:
     # The batch has a random row, and each has a top_k, a top_p, a min_p or
     # a top_n_sigma: the draw may use only the sorted largest logits.
     truncated_everywhere: bool
+    # ... and each has a top_k or a top_p (the logits are sorted anyway).
+    top_k_top_p_everywhere: bool
     # ... and each has a top_k: a bound on how many logits it keeps.
     top_k_everywhere: bool
     min_p: torch.Tensor | None  # [N] float32
@@ -217,6 +219,9 @@ class SamplingMetadata:
             truncated_everywhere=not all_greedy
             and all(greedy or k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0
                     or bool(p.top_n_sigma)
+                    for p, k, greedy in zip(params, top_k, is_greedy)),
+            top_k_top_p_everywhere=not all_greedy
+            and all(greedy or k < vocab_size or p.top_p < 1.0
                     for p, k, greedy in zip(params, top_k, is_greedy)),
             top_k_everywhere=not all_greedy
             and all(greedy or k < vocab_size

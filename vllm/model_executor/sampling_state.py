@@ -361,6 +361,9 @@ class SamplingState:
                 and (is_greedy | (top_k < vocab_size) | (top_p < 1.0) |
                      (floats[:, _MIN_P] > 0.0) |
                      (floats[:, _TOP_N_SIGMA] != 0.0)).all()),
+            top_k_top_p_everywhere=bool(not is_greedy.all()
+                                        and (is_greedy | (top_k < vocab_size) |
+                                             (top_p < 1.0)).all()),
             top_k_everywhere=bool(not is_greedy.all()
                                   and (is_greedy | (top_k < vocab_size)).all()),
             min_p=get("min_p") if use_min_p else None,

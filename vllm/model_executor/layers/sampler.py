@@ -14,9 +14,9 @@ then take the argmax (an all-greedy batch that edits nothing takes it on the
 logits as they are, without a copy). For the random rows, ``sample`` gives
 each row the smallest logit it keeps, from temperature, top-nσ, min_p and
 top-k/top-p in that order, and draws with the Gumbel-max trick: over the
-whole vocabulary (``random_sample``), or, when every random row has a top_k,
-a top_p, a min_p or a top-nσ, only over its largest logits, sorted by
-``torch.topk`` (``sample_candidates``).
+whole vocabulary (``random_sample``), or, when every random row has a top_k
+or a top_p (on CUDA: or a min_p or a top-nσ), only over its largest logits,
+sorted by ``torch.topk`` (``sample_candidates``).
 
 NOTE: temperature never costs a pass over [N, V]. A draw from
 softmax(x / T) is argmax(x / T + g) = argmax(x + T * g) with Gumbel noise g,
@@ -52,6 +52,10 @@ _CANDIDATES = 8192
 # Logits sorted beyond those when the draw uses only the sorted ones: room
 # for ties with the last logit kept.
 _TIE_MARGIN = 64
+# Devices where rows with only min_p / top-nσ draw from sorted candidates
+# too: CUDA's topk selects them without sorting the row, cheaper than a
+# draw over the whole vocabulary; a CPU topk of _CANDIDATES costs about two.
+_CANDIDATE_DRAW_DEVICES = ("cuda", )
 
 
 @dataclass
@@ -265,7 +269,7 @@ def sample(logits: torch.Tensor, md: SamplingMetadata,
                               min_p_threshold(row_max, md))
     cut = _top_k_top_p(logits, threshold, md)
     recheck = None
-    if cut.values is not None and md.truncated_everywhere:
+    if cut.values is not None and _draws_candidates(logits, md):
         assert cut.threshold is not None and cut.indices is not None
         sampled, seeded_log_q = sample_candidates(cut.values, cut.indices,
                                                   cut.threshold, md,
@@ -288,6 +292,13 @@ def sample(logits: torch.Tensor, md: SamplingMetadata,
     if greedy is not None:
         sampled = torch.where(md.is_greedy, greedy, sampled)
     return sampled, recheck
+
+
+def _draws_candidates(logits: torch.Tensor, md: SamplingMetadata) -> bool:
+    """Whether the draw uses only each row's sorted largest logits."""
+    return md.top_k_top_p_everywhere or (md.truncated_everywhere
+                                         and logits.device.type
+                                         in _CANDIDATE_DRAW_DEVICES)
 
 
 def _recheck(rows: torch.Tensor, greedy: torch.Tensor | None,
@@ -376,10 +387,10 @@ def _top_k_top_p(logits: torch.Tensor, threshold: torch.Tensor | None,
     probabilities are normalised over the whole row (one more pass over
     [N, V]); where the nucleus does not end inside them, ``long_nucleus``
     says so (their threshold is then too low). When the draw will use only
-    these logits (``md.truncated_everywhere``), they are sorted even without
-    top_k and top_p (min_p, top-nσ), with ``_TIE_MARGIN`` more.
+    these logits (``_draws_candidates``), they are sorted even without top_k
+    and top_p (min_p, top-nσ), with ``_TIE_MARGIN`` more.
     """
-    draw = md.truncated_everywhere
+    draw = _draws_candidates(logits, md)
     if md.top_k is None and md.top_p is None and not draw:
         return _Cut(threshold)
     vocab_size = logits.shape[-1]
