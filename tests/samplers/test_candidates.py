@@ -163,13 +163,17 @@ def seeded_batch() -> list[SamplingParams]:
     return params
 
 
-def draw(logits: torch.Tensor, md) -> list[int]:
+def draw(logits: torch.Tensor, params: list[SamplingParams],
+         whole_vocabulary: bool) -> list[int]:
     # Fresh generators: both draws start from the same state.
-    generators = {
-        row: torch.Generator().manual_seed(row)
-        for row in range(logits.shape[0])
-    }
-    md = dataclasses.replace(md, generators=generators)
+    generators: list[torch.Generator | None] = [
+        torch.Generator().manual_seed(row) for row in range(len(params))
+    ]
+    md = make_metadata(params, VOCAB, generators)
+    if whole_vocabulary:
+        md = dataclasses.replace(md,
+                                 truncated_everywhere=False,
+                                 top_k_top_p_everywhere=False)
     return Sampler()(logits, md).to_host()[0]
 
 
@@ -190,10 +194,7 @@ def test_candidate_draw_gives_the_whole_vocabulary_draw(monkeypatch, seed):
     assert out.recheck is not None
     # Rows with a small min_p or top-nσ keep more than the sorted logits.
     assert out.recheck.rows[24:].any() and not out.recheck.rows[24:].all()
-    whole = dataclasses.replace(md,
-                                truncated_everywhere=False,
-                                top_k_top_p_everywhere=False)
-    assert draw(logits, md) == draw(logits, whole)
+    assert draw(logits, params, False) == draw(logits, params, True)
 
 
 def test_ties_beyond_the_sorted_logits_are_drawn(monkeypatch):

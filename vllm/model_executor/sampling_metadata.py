@@ -79,6 +79,8 @@ class SamplingMetadata:
     top_n_sigma: torch.Tensor | None  # [N] float32; 0.0 is off
     # Row -> its request's own generator, for seeded rows only.
     generators: dict[int, torch.Generator]
+    # The rows of ``generators``, in its order [S] int64; None when empty.
+    seeded_rows: torch.Tensor | None
     # Top logprobs to return (the batch's largest request); None: no row asked.
     max_num_logprobs: int | None
     # Positions that min_tokens forbids (row, token id): (rows [M], cols [M]).
@@ -181,8 +183,14 @@ class SamplingMetadata:
 
         # Everything goes through `host`; `get` hands out device tensors
         # once both buffers have been copied.
+        seeded = {
+            row: gen
+            for row, gen in enumerate(generators) if gen is not None
+        }
         host.add("temperature", temperature, np.float32)
         host.add("is_greedy", is_greedy, np.int64)
+        if seeded:
+            host.add("seeded_rows", list(seeded), np.int64)
         if use_top_p:
             host.add("top_p", [p.top_p for p in params], np.float32)
         if use_top_k:
@@ -228,10 +236,8 @@ class SamplingMetadata:
                     for k, greedy in zip(top_k, is_greedy)),
             min_p=get("min_p") if use_min_p else None,
             top_n_sigma=get("top_n_sigma") if use_top_n_sigma else None,
-            generators={
-                row: gen
-                for row, gen in enumerate(generators) if gen is not None
-            },
+            generators=seeded,
+            seeded_rows=get("seeded_rows") if seeded else None,
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
             min_tokens_mask=(pair("min_tokens_rows", "min_tokens_cols")
                              if mask_rows else None),

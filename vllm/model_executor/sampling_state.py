@@ -303,8 +303,15 @@ class SamplingState:
         penalised_rows = rows_with(_PENALISED)
         penalised_slots = slots[penalised_rows]
 
+        seeded = {
+            row: generator
+            for row in rows_with(_SEEDED)
+            if (generator := request(row).generator) is not None
+        }
         host = HostBuffers(self.device)
         host.add("temperature", floats[:, _TEMPERATURE], np.float32)
+        if seeded:
+            host.add("seeded_rows", list(seeded), np.int64)
         host.add("is_greedy", is_greedy, np.int64)
         if use_top_p:
             host.add("top_p", top_p, np.float32)
@@ -368,11 +375,8 @@ class SamplingState:
                                   and (is_greedy | (top_k < vocab_size)).all()),
             min_p=get("min_p") if use_min_p else None,
             top_n_sigma=get("top_n_sigma") if use_top_n_sigma else None,
-            generators={
-                row: generator
-                for row in rows_with(_SEEDED)
-                if (generator := request(row).generator) is not None
-            },
+            generators=seeded,
+            seeded_rows=get("seeded_rows") if seeded else None,
             max_num_logprobs=(int(num_logprobs.max()) if
                               (num_logprobs >= 0).any() else None),
             min_tokens_mask=None,
@@ -474,8 +478,8 @@ class SamplingState:
                                               [outputs[i] for i in rebuilt])
             host.add("rebuild_slots", slots[rebuilt], np.int64)
             host.add("rebuild_histories", padded, np.int64)
-            host.add("rebuild_count_slots", count_slots, np.int64)
-            host.add("rebuild_count_tokens", count_tokens, np.int64)
+            host.add("rebuild_count_keys",
+                     count_slots * self.vocab_size + count_tokens, np.int64)
         if update.appended:
             appended = np.flatnonzero(append)
             last = np.fromiter(map(operator.itemgetter(-1),
@@ -485,6 +489,8 @@ class SamplingState:
             host.add("append_slots", slots[appended], np.int64)
             host.add("append_positions", history_len[appended], np.int64)
             host.add("append_tokens", last, np.int64)
+            host.add("append_count_keys",
+                     slots[appended] * self.vocab_size + last, np.int64)
             self._output_len[slots[appended]] += 1
             self._last_token[slots[appended]] = last
         self._history_len[slots] = update.lengths
@@ -537,21 +543,23 @@ class SamplingState:
         assert batch.penalised_rows_dev is not None
         assert batch.penalised_slots_dev is not None
         assert batch.penalty_params is not None
-        one = counts.new_ones(())
+        # Output counts grow by index_add_ on the flat view (atomics).
+        flat_counts = counts.view(-1)
         if update.rebuilt:
             rebuilt = get("rebuild_slots")
             history.index_copy_(
                 0, rebuilt,
                 get("rebuild_histories").view(len(rebuilt), history.shape[1]))
             counts.index_fill_(0, rebuilt, 0)
-            counts.index_put_(
-                (get("rebuild_count_slots"), get("rebuild_count_tokens")),
-                one,
-                accumulate=True)
+            keys = get("rebuild_count_keys")
+            flat_counts.index_add_(0, keys,
+                                   torch.ones_like(keys, dtype=torch.int32))
         if update.appended:
-            slots, tokens = get("append_slots"), get("append_tokens")
-            history.index_put_((slots, get("append_positions")), tokens)
-            counts.index_put_((slots, tokens), one, accumulate=True)
+            history.index_put_((get("append_slots"), get("append_positions")),
+                               get("append_tokens"))
+            keys = get("append_count_keys")
+            flat_counts.index_add_(0, keys,
+                                   torch.ones_like(keys, dtype=torch.int32))
         # Every penalised row's history, padded to the longest: [P, L].
         length = max(1, int(update.lengths.max()))
         slots = batch.penalised_slots_dev

@@ -555,15 +555,14 @@ def sample_candidates(
     """
     log_q = _exponential_(torch.empty_like(values)).log_()  # [N, W]
     seeded = None
-    if md.generators:
-        rows = list(md.generators)
-        full = values.new_empty(len(rows), vocab_size)
+    if md.seeded_rows is not None:
+        full = values.new_empty(len(md.generators), vocab_size)
         for i, generator in enumerate(md.generators.values()):
             _exponential_(full[i], generator)
         full.log_()
-        seeded_rows = torch.tensor(rows, device=values.device)
-        log_q[seeded_rows] = full.gather(dim=-1, index=indices[seeded_rows])
-        seeded = seeded_rows, full
+        rows = md.seeded_rows
+        log_q[rows] = full.gather(dim=-1, index=indices[rows])
+        seeded = rows, full
     score = torch.addcmul(values,
                           log_q,
                           md.temperature.unsqueeze(1),
