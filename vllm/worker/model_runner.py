@@ -158,9 +158,13 @@ class ModelRunner:
             hidden_states = self.model(input_ids, positions)
         rows = torch.arange(num_seqs, device=self.device) % num_tokens
         logits = self.model.compute_logits(hidden_states[rows])
-        # top_p without top_k: the sampler's largest temporaries (a draw
-        # over the whole vocabulary that keeps the logits for a recheck).
-        params = [SamplingParams(temperature=1.0, top_p=0.9)] * num_seqs
+        # Rows with top_p but no top_k beside untruncated ones: the
+        # sampler's largest temporaries (a draw over the whole vocabulary
+        # that keeps its logits for a possible recheck).
+        params = [
+            SamplingParams(temperature=1.0, top_p=0.9 if i % 2 else 1.0)
+            for i in range(num_seqs)
+        ]
         metadata = SamplingMetadata.prepare(params, [None] * num_seqs,
                                             [[] for _ in range(num_seqs)],
                                             [[] for _ in range(num_seqs)],
