@@ -3,6 +3,7 @@ metadata that SamplingMetadata.prepare rebuilds at every step."""
 import random
 from collections import Counter
 
+import pytest
 import torch
 
 from vllm.model_executor.layers.sampler import (
@@ -221,3 +222,68 @@ def test_vocab_change_resets():
     md = state.prepare([0], params, [None], [[3]], [[1]], 200)
     assert md.top_k is not None and md.top_k.tolist() == [100]
     assert state._counts is not None and state._counts.shape[1] == 200
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_engine_path_never_syncs(device: str):
+    """SamplingState.prepare and the Sampler over several steps, with every
+    feature and each draw path, without a host sync on CUDA (only
+    to_host() copies); greedy rows as on the CPU."""
+    dev = torch.device(device)
+    vocab = 20_000  # above _CANDIDATES: candidates, not a full sort
+    rng = random.Random(3)
+    bad = SamplingParams(temperature=0.0, bad_words=["w"])
+    bad._bad_words_token_ids = [[5], [1, 2]]
+    batches = {
+        # top-k / top-p / min_p / top-nσ everywhere: the candidate draw
+        "candidates": [
+            SamplingParams(top_k=20, top_p=0.9, seed=1, logprobs=2),
+            SamplingParams(top_p=0.95, presence_penalty=0.5),
+            SamplingParams(min_p=0.05, repetition_penalty=1.2, seed=2),
+            SamplingParams(top_n_sigma=1.0, logit_bias={3: 5.0}),
+            SamplingParams(temperature=0.0, frequency_penalty=0.5),
+            bad,
+        ],
+        # an untruncated row: the whole-vocabulary draw, kept for a recheck
+        "whole": [
+            SamplingParams(temperature=0.9, seed=3),
+            SamplingParams(top_p=0.5, min_tokens=4, stop_token_ids=[7]),
+            SamplingParams(temperature=0.0, allowed_token_ids=[1, 2, 3]),
+        ],
+    }
+    for name, params in batches.items():
+        state = SamplingState(dev)
+        cpu_state = SamplingState(CPU)
+        n = len(params)
+        prompts = [[rng.randrange(vocab) for _ in range(5)] for _ in params]
+        outputs: list[list[int]] = [[] for _ in params]
+        greedy = [p.temperature == 0.0 for p in params]
+        for step in range(4):
+            logits = torch.randn(n,
+                                 vocab,
+                                 generator=torch.Generator().manual_seed(step))
+            generators = [
+                None
+                if p.seed is None else torch.Generator(dev).manual_seed(p.seed)
+                for p in params
+            ]
+            on_device = logits.to(dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                md = state.prepare(list(range(n)), params, generators, outputs,
+                                   prompts, vocab)
+                out = Sampler()(on_device, md)
+            finally:
+                if dev.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+            tokens, _ = out.to_host()
+            cpu_md = cpu_state.prepare(list(range(n)), params, [None] * n,
+                                       outputs, prompts, vocab)
+            expected = Sampler()(logits, cpu_md).to_host()[0]
+            for row in range(n):
+                if greedy[row]:
+                    assert tokens[row] == expected[row], (name, step, row)
+                outputs[row].append(tokens[row])
