@@ -1,5 +1,6 @@
-"""Micro-benchmark of one sampling step: ``SamplingMetadata.prepare`` plus
-``Sampler`` on random logits, for a few mixes of sampling parameters.
+"""Micro-benchmark of one sampling step as the engine runs it:
+``SamplingState.prepare``, ``Sampler`` and ``SamplerOutput.to_host`` on
+random logits, for a few mixes of sampling parameters.
 
     python benchmarks/kernels/benchmark_sampler.py
     python benchmarks/kernels/benchmark_sampler.py --batch-size 256 \\
@@ -10,15 +11,19 @@ without a GPU, float32 logits of a 32,000-token vocabulary on the CPU. Each
 row has a prompt of ``--prompt-len`` and an output of ``--output-len``
 random token ids (what the penalties read).
 
-A step is timed from before ``prepare`` (host work: turning the requests'
-parameters and token histories into tensors) to after the sampler's last
-kernel, then every output grows by one token, as in decoding. ``prepare``
-gets a ``TokenHistoryCache``, as the engine's should (the "no history cache"
-row converts every history at every step). Steps are timed with CUDA events (on CPU: ``time.perf_counter``) after warm-up
-steps; the table shows the median and the 10th / 90th percentiles of the
-repeats, and the host time of ``prepare`` alone. The engine runs ``prepare``
-while the GPU still computes the model's forward pass, so on a GPU the host
-part is partly hidden in a real step.
+A step is timed from before ``prepare`` (host work: the parameters and
+token histories that changed, as tensors) to after the sampled ids reached
+the host (the step's one device-to-host copy); then every output grows by
+its sampled token, as in decoding, and ``--replace-per-step`` sequences
+finish and are replaced by new ones (0: the batch never changes). One
+``SamplingState`` lives across all the steps of a config, as in the engine;
+the "stateless prepare" row builds every tensor at every step with
+``SamplingMetadata.prepare`` instead. Steps are timed with CUDA events (on
+CPU: ``time.perf_counter``) after warm-up steps; the table shows the median
+and the 10th / 90th percentiles of the repeats, and the host time of
+``prepare`` alone. The engine runs ``prepare`` while the GPU still computes
+the model's forward pass, so on a GPU the host part is partly hidden in a
+real step.
 """
 import argparse
 import importlib
@@ -37,6 +42,7 @@ import torch
 from vllm.model_executor.layers.sampler import Sampler
 from vllm.model_executor.sampling_metadata import (SamplingMetadata,
                                                    TokenHistoryCache)
+from vllm.model_executor.sampling_state import SamplingState
 from vllm.sampling_params import SamplingParams
 
 # One seeded row in this many in the all-features mix.
@@ -52,7 +58,7 @@ def top_k_top_p(row: int, vocab_size: int) -> SamplingParams:
 
 
 def top_p_only(row: int, vocab_size: int) -> SamplingParams:
-    # No top_k: the nucleus needs a full sort of the vocabulary.
+    # No top_k: the nucleus is normalised over the whole vocabulary.
     return SamplingParams(temperature=0.8, top_p=0.95)
 
 
@@ -72,13 +78,14 @@ def all_features(row: int, vocab_size: int) -> SamplingParams:
     )
 
 
-# name -> (the parameters of row i, whether prepare gets a history cache)
+# name -> (the parameters of row i, whether the engine's SamplingState
+# keeps them between steps)
 CONFIGS: dict[str, tuple[Callable[[int, int], SamplingParams], bool]] = {
     "greedy": (greedy, True),
     "temperature + top_k + top_p": (top_k_top_p, True),
-    "temperature + top_p (full sort)": (top_p_only, True),
+    "temperature + top_p (no top_k)": (top_p_only, True),
     "all features": (all_features, True),
-    "all features, no history cache": (all_features, False),
+    "all features, stateless prepare": (all_features, False),
 }
 
 
@@ -113,25 +120,35 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def bench_config(make_params: Callable[[int, int], SamplingParams],
-                 use_cache: bool, args: argparse.Namespace,
+                 keep_state: bool, args: argparse.Namespace,
                  device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     batch, vocab = args.batch_size, args.vocab_size
-    params = [make_params(row, vocab) for row in range(batch)]
-    # The engine keeps one generator per seeded request across steps.
-    generators: list[torch.Generator | None] = [
-        None if p.seed is None else torch.Generator(device).manual_seed(p.seed)
-        for p in params
-    ]
     rng = random.Random(0)
-    prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)]
-               for _ in range(batch)]
-    outputs = [[rng.randrange(vocab) for _ in range(args.output_len)]
-               for _ in range(batch)]
+    next_id = 0
+
+    def new_sequence() -> tuple[int, SamplingParams, torch.Generator | None,
+                                list[int], list[int]]:
+        nonlocal next_id
+        next_id += 1
+        p = make_params(next_id, vocab)
+        # The engine keeps one generator per seeded request across steps.
+        generator = (None if p.seed is None else
+                     torch.Generator(device).manual_seed(p.seed))
+        prompt = [rng.randrange(vocab) for _ in range(args.prompt_len)]
+        output = [rng.randrange(vocab) for _ in range(args.output_len)]
+        return next_id, p, generator, prompt, output
+
+    seqs = [new_sequence() for _ in range(batch)]
     logits = (torch.randn(batch, vocab, device=device) * 3).to(dtype)
     sampler = Sampler()
-    cache = TokenHistoryCache() if use_cache else None
+    state = SamplingState(device)
+    cache = TokenHistoryCache()
 
     def prepare() -> SamplingMetadata:
+        seq_ids, params, generators, prompts, outputs = map(list, zip(*seqs))
+        if keep_state:
+            return state.prepare(seq_ids, params, generators, outputs, prompts,
+                                 vocab)
         return SamplingMetadata.prepare(params,
                                         generators,
                                         outputs,
@@ -142,21 +159,22 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
 
     prepare_ms: list[float] = []
 
-    def step() -> torch.Tensor:
+    def step() -> list[int]:
         t0 = time.perf_counter()
         metadata = prepare()
         # Host time of prepare alone (its copies are asynchronous).
         prepare_ms.append((time.perf_counter() - t0) * 1e3)
-        return sampler(logits, metadata).sampled_token_ids
+        return sampler(logits, metadata).to_host()[0]
 
-    def next_tokens() -> None:
-        for output in outputs:
-            output.append(rng.randrange(vocab))
+    def next_step(sampled: list[int]) -> None:
+        for seq, token in zip(seqs, sampled):
+            seq[4].append(token)
+        for _ in range(args.replace_per_step):
+            seqs[rng.randrange(batch)] = new_sequence()
 
     use_cuda = device.type == "cuda"
     for _ in range(args.warmup):
-        step()
-        next_tokens()
+        next_step(step())
     if use_cuda:
         torch.cuda.synchronize()
     prepare_ms.clear()
@@ -167,15 +185,15 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            step()
+            sampled = step()
             end.record()
             torch.cuda.synchronize()
             step_ms.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            step()
+            sampled = step()
             step_ms.append((time.perf_counter() - t0) * 1e3)
-        next_tokens()
+        next_step(sampled)
     return {
         "median_ms": statistics.median(step_ms),
         "p10_ms": percentile(step_ms, 0.1),
@@ -198,6 +216,11 @@ def main() -> None:
                         "float32 on CPU")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--replace-per-step",
+                        type=int,
+                        default=0,
+                        help="sequences that finish and are replaced by new "
+                        "ones after each step")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--configs",
@@ -227,7 +250,8 @@ def main() -> None:
     print(", ".join(f"{k}: {v}" for k, v in env.items()))
     print(f"batch {args.batch_size}, vocab {args.vocab_size}, {args.dtype} "
           f"logits on {device}, prompt {args.prompt_len} + output "
-          f"{args.output_len} tokens per row, {args.repeats} repeats after "
+          f"{args.output_len} tokens per row, {args.replace_per_step} "
+          f"sequences replaced per step, {args.repeats} repeats after "
           f"{args.warmup} warm-up steps")
 
     results = {

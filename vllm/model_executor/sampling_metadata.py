@@ -1,13 +1,15 @@
 """The sampler's per-step inputs, as tensors on the logits' device.
 
-``SamplingMetadata.prepare`` is the one place where per-request Python values
-become tensors: every list is gathered on the host, packed into one int64 and
+``SamplingMetadata.prepare`` turns per-request Python values into tensors
+from scratch: every list is gathered on the host, packed into one int64 and
 one float32 buffer, and copied to the device in two asynchronous transfers.
-The sampler then never loops over requests (except for seeded generators and
-per-request logits processors) and never syncs with the host.
+The engine uses ``SamplingState`` (sampling_state.py) instead, which builds
+the same metadata from state kept between steps. The sampler then never
+loops over requests (except for seeded generators and per-request logits
+processors).
 """
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,20 @@ class PenaltyTensors:
 
 
 @dataclass
+class PenaltyCounts:
+    """The same penalties from ``SamplingState``, whose token counts stay on
+    the device between steps: the keys and their counts come ready."""
+    presence: torch.Tensor  # [N] float32; 0.0 is off
+    frequency: torch.Tensor  # [N] float32; 0.0 is off
+    repetition: torch.Tensor  # [N] float32; 1.0 is off
+    # A key for every token the penalties touch (the output, and the prompt
+    # of rows with a repetition penalty). Keys may repeat: every copy of a
+    # key is written the same value.
+    keys: torch.Tensor  # [T] int64
+    counts: torch.Tensor  # [T] int32: each key's token count in the output
+
+
+@dataclass
 class SamplingMetadata:
     """Sampling inputs of one step: row i describes the i-th sequence that
     samples a token this step (row i of the logits).
@@ -47,18 +63,29 @@ class SamplingMetadata:
     top_p: torch.Tensor | None  # [N] float32
     top_k: torch.Tensor | None  # [N] int64; "off" is vocab_size
     # How many of each row's largest logits top_k and top_p look at: the
-    # largest top_k, or vocab_size (a full sort) when some row uses top_p
-    # without top_k. 0 when neither is used.
+    # largest top_k, or vocab_size when some row uses top_p without top_k
+    # (normalised over its whole row; the sampler still sorts only some).
+    # 0 when neither is used.
     top_k_top_p_width: int
+    max_top_k: int  # the largest top_k in use; 0 when no row uses one
+    # The batch has a random row, and each has a top_k, a top_p, a min_p or
+    # a top_n_sigma: the draw may use only the sorted largest logits.
+    truncated_everywhere: bool
+    # ... and each has a top_k or a top_p (the logits are sorted anyway).
+    top_k_top_p_everywhere: bool
+    # ... and each has a top_k: a bound on how many logits it keeps.
+    top_k_everywhere: bool
     min_p: torch.Tensor | None  # [N] float32
     top_n_sigma: torch.Tensor | None  # [N] float32; 0.0 is off
     # Row -> its request's own generator, for seeded rows only.
     generators: dict[int, torch.Generator]
+    # The rows of ``generators``, in its order [S] int64; None when empty.
+    seeded_rows: torch.Tensor | None
     # Top logprobs to return (the batch's largest request); None: no row asked.
     max_num_logprobs: int | None
     # Positions that min_tokens forbids (row, token id): (rows [M], cols [M]).
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None
-    penalties: PenaltyTensors | None
+    penalties: PenaltyTensors | PenaltyCounts | None
     # (rows [B], cols [B]) and the bias [B] float32 added there.
     logit_bias: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None
     # The rows that have allowed_token_ids [R], and (rows [A], cols [A]): the
@@ -112,7 +139,7 @@ class SamplingMetadata:
         penalised rows' token histories converted between steps; without
         it, every step converts them all.
         """
-        host = _HostBuffers(device)
+        host = HostBuffers(device)
         is_greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
         all_greedy = all(is_greedy)
         # Greedy rows divide by 1.0: they are sampled and then discarded.
@@ -129,12 +156,9 @@ class SamplingMetadata:
         use_min_p = any(p.min_p > 0.0 for p in params)
         top_n_sigma = [p.top_n_sigma or 0.0 for p in params]
         use_top_n_sigma = any(top_n_sigma)
-        width = 0
-        if use_top_p and any(p.top_p < 1.0 and k == vocab_size
-                             for p, k in zip(params, top_k)):
-            width = vocab_size
-        elif use_top_k:
-            width = max(k for k in top_k if k < vocab_size)
+        max_top_k = max((k for k in top_k if k < vocab_size), default=0)
+        width = vocab_size if any(p.top_p < 1.0 and k == vocab_size
+                                  for p, k in zip(params, top_k)) else max_top_k
 
         # -1 asks for the whole vocabulary.
         num_logprobs = [
@@ -159,8 +183,14 @@ class SamplingMetadata:
 
         # Everything goes through `host`; `get` hands out device tensors
         # once both buffers have been copied.
+        seeded = {
+            row: gen
+            for row, gen in enumerate(generators) if gen is not None
+        }
         host.add("temperature", temperature, np.float32)
         host.add("is_greedy", is_greedy, np.int64)
+        if seeded:
+            host.add("seeded_rows", list(seeded), np.int64)
         if use_top_p:
             host.add("top_p", [p.top_p for p in params], np.float32)
         if use_top_k:
@@ -193,12 +223,21 @@ class SamplingMetadata:
             top_p=get("top_p") if use_top_p else None,
             top_k=get("top_k") if use_top_k else None,
             top_k_top_p_width=width,
+            max_top_k=max_top_k,
+            truncated_everywhere=not all_greedy
+            and all(greedy or k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0
+                    or bool(p.top_n_sigma)
+                    for p, k, greedy in zip(params, top_k, is_greedy)),
+            top_k_top_p_everywhere=not all_greedy
+            and all(greedy or k < vocab_size or p.top_p < 1.0
+                    for p, k, greedy in zip(params, top_k, is_greedy)),
+            top_k_everywhere=not all_greedy
+            and all(greedy or k < vocab_size
+                    for k, greedy in zip(top_k, is_greedy)),
             min_p=get("min_p") if use_min_p else None,
             top_n_sigma=get("top_n_sigma") if use_top_n_sigma else None,
-            generators={
-                row: gen
-                for row, gen in enumerate(generators) if gen is not None
-            },
+            generators=seeded,
+            seeded_rows=get("seeded_rows") if seeded else None,
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
             min_tokens_mask=(pair("min_tokens_rows", "min_tokens_cols")
                              if mask_rows else None),
@@ -227,35 +266,51 @@ def _bad_words_to_mask(params: list[SamplingParams],
                        output_token_ids: list[list[int]],
                        bad_words_token_ids: list[list[list[int]]] | None,
                        vocab_size: int) -> tuple[list[int], list[int]]:
-    """The (row, token) pairs that bad words forbid this step: the last
-    token of each bad word whose other tokens end the output (a one-token
-    bad word is always forbidden)."""
-    rows: list[int] = []
+    """The (row, token) pairs that bad words forbid this step."""
+    words: Sequence[list[list[int]] | None]
+    if bad_words_token_ids is not None:
+        words = bad_words_token_ids
+    else:
+        words = [checked_bad_words(p) for p in params]
+    return bad_words_pairs(range(len(params)), words, output_token_ids,
+                           vocab_size)
+
+
+def checked_bad_words(params: SamplingParams) -> list[list[int]] | None:
+    """``params.bad_words_token_ids``; an error if the words were never
+    tokenized."""
+    if params.bad_words_token_ids is None and params.bad_words:
+        raise ValueError(
+            f"bad_words {params.bad_words!r} have no token ids: call "
+            "SamplingParams.update_from_tokenizer or pass "
+            "bad_words_token_ids to SamplingMetadata.prepare.")
+    return params.bad_words_token_ids
+
+
+def bad_words_pairs(rows: Iterable[int],
+                    words: Sequence[list[list[int]] | None],
+                    output_token_ids: Sequence[list[int]],
+                    vocab_size: int) -> tuple[list[int], list[int]]:
+    """(row, token) pairs for ``rows``, with ``words[i]`` and
+    ``output_token_ids[i]`` those of ``rows[i]``: the last token of each bad
+    word whose other tokens end the output (a one-token bad word is always
+    forbidden)."""
+    pairs_rows: list[int] = []
     cols: list[int] = []
-    for row, (p, output) in enumerate(zip(params, output_token_ids)):
-        words: list[list[int]] | None
-        if bad_words_token_ids is not None:
-            words = bad_words_token_ids[row]
-        else:
-            words = p.bad_words_token_ids
-            if words is None and p.bad_words:
-                raise ValueError(
-                    f"bad_words {p.bad_words!r} have no token ids: call "
-                    "SamplingParams.update_from_tokenizer or pass "
-                    "bad_words_token_ids to SamplingMetadata.prepare.")
-        for word in words or ():
+    for row, row_words, output in zip(rows, words, output_token_ids):
+        for word in row_words or ():
             prefix_len = len(word) - 1
             if prefix_len < 0 or prefix_len > len(output):
                 continue  # empty, or its prefix is longer than the output
             if not 0 <= word[-1] < vocab_size:
                 continue
             if prefix_len == 0 or output[-prefix_len:] == word[:-1]:
-                rows.append(row)
+                pairs_rows.append(row)
                 cols.append(word[-1])
-    return rows, cols
+    return pairs_rows, cols
 
 
-def _add_penalties(host: "_HostBuffers", params: list[SamplingParams],
+def _add_penalties(host: "HostBuffers", params: list[SamplingParams],
                    output_token_ids: list[list[int]],
                    prompt_token_ids: list[list[int]], vocab_size: int,
                    history_cache: "TokenHistoryCache | None") -> bool:
@@ -349,14 +404,14 @@ class TokenHistoryCache:
         return entry[1][:num_tokens]
 
 
-def _add_logit_bias(host: "_HostBuffers", params: list[SamplingParams],
+def _add_logit_bias(host: "HostBuffers", params: list[SamplingParams],
                     vocab_size: int) -> bool:
     biased = [(row, p.logit_bias) for row, p in enumerate(params)
               if p.logit_bias]
     if not biased:
         return False
-    rows, cols = _pairs([row for row, _ in biased],
-                        [list(bias) for _, bias in biased])
+    rows, cols = pairs([row for row, _ in biased],
+                       [list(bias) for _, bias in biased])
     values = np.fromiter(itertools.chain.from_iterable(bias.values()
                                                        for _, bias in biased),
                          dtype=np.float32,
@@ -368,14 +423,13 @@ def _add_logit_bias(host: "_HostBuffers", params: list[SamplingParams],
     return True
 
 
-def _add_allowed_token_ids(host: "_HostBuffers", params: list[SamplingParams],
+def _add_allowed_token_ids(host: "HostBuffers", params: list[SamplingParams],
                            vocab_size: int) -> bool:
     allowed = [(row, p.allowed_token_ids) for row, p in enumerate(params)
                if p.allowed_token_ids is not None]
     if not allowed:
         return False
-    rows, cols = _pairs([row for row, _ in allowed],
-                        [ids for _, ids in allowed])
+    rows, cols = pairs([row for row, _ in allowed], [ids for _, ids in allowed])
     keep = cols < vocab_size
     host.add("allowed_row_ids", [row for row, _ in allowed], np.int64)
     host.add("allowed_rows", rows[keep], np.int64)
@@ -383,8 +437,9 @@ def _add_allowed_token_ids(host: "_HostBuffers", params: list[SamplingParams],
     return True
 
 
-def _pairs(rows: list[int],
-           cols: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def pairs(
+    rows: Sequence[int], cols: Sequence[Sequence[int] | np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) pairs: each row repeated once for each of its cols."""
     lengths = [len(c) for c in cols]
     flat = np.fromiter(itertools.chain.from_iterable(cols),
@@ -393,7 +448,7 @@ def _pairs(rows: list[int],
     return np.repeat(np.asarray(rows, dtype=np.int64), lengths), flat
 
 
-class _HostBuffers:
+class HostBuffers:
     """Named host arrays, copied to the device in two transfers (one int64,
     one float32) from pinned memory: asynchronous, no device sync."""
 

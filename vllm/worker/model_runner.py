@@ -18,8 +18,8 @@ from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.layers.sampler import LogprobsTensors, Sampler
 from vllm.model_executor.model_loader import get_model
-from vllm.model_executor.sampling_metadata import (SamplingMetadata,
-                                                   TokenHistoryCache)
+from vllm.model_executor.sampling_metadata import SamplingMetadata
+from vllm.model_executor.sampling_state import SamplingState
 from vllm.sampling_params import SamplingParams
 from vllm.sequence import ScheduledSequence
 from vllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes
@@ -44,8 +44,8 @@ class ModelRunner:
         self.block_size = vllm_config.cache_config.block_size
         self.device = vllm_config.device_config.device
         self.sampler = Sampler()
-        # Penalised rows' token histories, kept on the device between steps.
-        self.history_cache = TokenHistoryCache()
+        # Sampling parameters and penalty counts, kept between steps.
+        self.sampling_state = SamplingState(self.device)
         # forward(input_ids, positions) and compute_logits(hidden_states)
         self.model: Any
         sched = vllm_config.scheduler_config
@@ -129,23 +129,15 @@ class ModelRunner:
             return ModelRunnerOutput([], [], None)
         logits = self.model.compute_logits(hidden_states[logits_indices])
         sampling_seqs = [seqs[i] for i in sample_rows]
-        metadata = SamplingMetadata.prepare(
+        metadata = self.sampling_state.prepare(
+            [s.seq_id for s in sampling_seqs],
             [s.sampling_params
              for s in sampling_seqs], [s.generator for s in sampling_seqs],
             [s.output_token_ids for s in sampling_seqs],
             [s.prompt_token_ids for s in sampling_seqs],
-            vocab_size=logits.shape[-1],
-            device=self.device,
-            history_cache=self.history_cache)
-        out = self.sampler(logits, metadata)
+            vocab_size=logits.shape[-1])
         # The one device -> host copy of the step.
-        sampled = out.sampled_token_ids.tolist()
-        logprobs = None
-        if out.logprobs_tensors is not None:
-            lp = out.logprobs_tensors
-            logprobs = LogprobsTensors(lp.logprob_token_ids.cpu(),
-                                       lp.logprobs.cpu(),
-                                       lp.selected_token_ranks.cpu())
+        sampled, logprobs = self.sampler(logits, metadata).to_host()
         return ModelRunnerOutput([s.seq_id for s in sampling_seqs], sampled,
                                  logprobs)
 
@@ -184,8 +176,13 @@ class ModelRunner:
             layer.kv_cache = None
         rows = torch.arange(num_seqs, device=self.device) % num_tokens
         logits = self.model.compute_logits(hidden_states[rows])
-        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
-                  ] * num_seqs
+        # Rows with top_p but no top_k beside untruncated ones: the
+        # sampler's largest temporaries (a draw over the whole vocabulary
+        # that keeps its logits for a possible recheck).
+        params = [
+            SamplingParams(temperature=1.0, top_p=0.9 if i % 2 else 1.0)
+            for i in range(num_seqs)
+        ]
         metadata = SamplingMetadata.prepare(params, [None] * num_seqs,
                                             [[] for _ in range(num_seqs)],
                                             [[] for _ in range(num_seqs)],

@@ -10,18 +10,28 @@ place), in vLLM's order:
 3. ``apply_penalties``: repetition, frequency and presence.
 
 These change which token is best, so they apply to every row; greedy rows
-then take the argmax. For the random rows, ``truncation_threshold`` gives
+then take the argmax (an all-greedy batch that edits nothing takes it on the
+logits as they are, without a copy). For the random rows, ``sample`` gives
 each row the smallest logit it keeps, from temperature, top-nσ, min_p and
-top-k/top-p in that order; ``apply_threshold`` masks the rest and
-``random_sample`` draws with the Gumbel-max trick.
+top-k/top-p in that order, and draws with the Gumbel-max trick: over the
+whole vocabulary (``random_sample``), or, when every random row has a top_k
+or a top_p (on CUDA: or a min_p or a top-nσ), only over its largest logits,
+sorted by ``torch.topk`` (``sample_candidates``).
 
 NOTE: temperature never costs a pass over [N, V]. A draw from
 softmax(x / T) is argmax(x / T + g) = argmax(x + T * g) with Gumbel noise g,
-so ``random_sample`` scales the noise instead of the logits, and each
-truncation is written as a threshold on the unscaled x: top-k and top-nσ are
-the same on both scales, min_p and top-p take T into account.
+so the draw scales the noise instead of the logits, and each truncation is
+written as a threshold on the unscaled x: top-k and top-nσ are the same on
+both scales, min_p and top-p take T into account.
 
-Everything stays on the logits' device; nothing here syncs with the host.
+Nothing sorts the whole vocabulary: top-k/top-p look at each row's largest
+logits (``torch.topk``). A row whose kept tokens may reach past them (a long
+top-p nucleus, or ties beyond the sorted slice) is marked; the one
+device-to-host copy of the step (``SamplerOutput.to_host``) brings the
+marks with the sampled ids, and only then, when some row is marked, are
+those rows drawn again over the whole vocabulary, exactly. Otherwise nothing
+here syncs with the host.
+
 The input logits are never modified: logprobs are those of the raw model
 output, as in vLLM V1 (``compute_topk_logprobs``, written so that prompt
 logprobs can reuse it once the engine computes them).
@@ -30,10 +40,22 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm.model_executor.sampling_metadata import SamplingMetadata
+from vllm.model_executor.sampling_metadata import (PenaltyCounts,
+                                                   SamplingMetadata)
 
 # Rows of logits that compute_topk_logprobs handles at once (x V floats).
 _LOGPROBS_CHUNK_ELEMENTS = 1 << 26
+# Logits sorted (by torch.topk, which on CUDA selects without sorting the
+# row) for rows that keep an unknown number of them: top_p without top_k,
+# and min_p / top-nσ when the draw uses only the sorted logits.
+_CANDIDATES = 8192
+# Logits sorted beyond those when the draw uses only the sorted ones: room
+# for ties with the last logit kept.
+_TIE_MARGIN = 64
+# Devices where rows with only min_p / top-nσ draw from sorted candidates
+# too: CUDA's topk selects them without sorting the row, cheaper than a
+# draw over the whole vocabulary; a CPU topk of _CANDIDATES costs about two.
+_CANDIDATE_DRAW_DEVICES = ("cuda", )
 
 
 @dataclass
@@ -48,9 +70,59 @@ class LogprobsTensors:
 
 
 @dataclass
+class Recheck:
+    """Random rows whose draw may have missed some of their tokens, and what
+    drawing them again over the whole vocabulary needs."""
+    rows: torch.Tensor  # [N] bool
+    logits: torch.Tensor  # the sampler's input, for the logprobs
+    work: torch.Tensor  # [N, V] float32, after every edit
+    threshold: torch.Tensor  # [N] the smallest logit each row keeps
+    # Top-p rows whose nucleus may end past the sorted logits (their
+    # threshold is then too low) [N] bool, with the threshold of the rules
+    # before top-p and the top-p normaliser [N, 1].
+    long_nucleus: torch.Tensor | None
+    threshold_before_top_p: torch.Tensor | None
+    log_z: torch.Tensor | None
+    # The noise log q: of the whole draw [N, V], or that of the seeded rows
+    # only (rows [S], [S, V]); the other rows then draw again.
+    log_q: torch.Tensor | None
+    seeded_log_q: tuple[torch.Tensor, torch.Tensor] | None
+    md: SamplingMetadata
+
+
+@dataclass
 class SamplerOutput:
-    sampled_token_ids: torch.Tensor  # [N] int64
+    # [N] int64; with a recheck, final only once to_host() has run.
+    sampled_token_ids: torch.Tensor
     logprobs_tensors: LogprobsTensors | None  # None when no row asked
+    recheck: Recheck | None = None  # None: every row is exact
+
+    def to_host(self) -> tuple[list[int], LogprobsTensors | None]:
+        """The sampled ids and logprobs on the host.
+
+        The ids come with the recheck marks in one device-to-host copy. Only
+        when some row is marked are those rows drawn again, exactly, before
+        a second copy.
+        """
+        recheck = self.recheck
+        if recheck is None:
+            sampled = self.sampled_token_ids.tolist()
+        else:
+            num_rows = self.sampled_token_ids.shape[0]
+            both = torch.cat([self.sampled_token_ids,
+                              recheck.rows.long()]).tolist()
+            sampled = both[:num_rows]
+            rows = [row for row, flag in enumerate(both[num_rows:]) if flag]
+            if rows:
+                _sample_again(self, recheck, rows)
+                sampled = self.sampled_token_ids.tolist()
+            self.recheck = None
+        lp = self.logprobs_tensors
+        if lp is None:
+            return sampled, None
+        return sampled, LogprobsTensors(lp.logprob_token_ids.cpu(),
+                                        lp.logprobs.cpu(),
+                                        lp.selected_token_ranks.cpu())
 
 
 class Sampler(torch.nn.Module):
@@ -60,25 +132,31 @@ class Sampler(torch.nn.Module):
                 sampling_metadata: SamplingMetadata) -> SamplerOutput:
         """``logits`` [N, V] (any float dtype) is not modified."""
         md = sampling_metadata
-        # [N, V] float32, our own contiguous copy whenever a step below
-        # changes it.
-        work = logits.to(torch.float32,
-                         memory_format=torch.contiguous_format,
-                         copy=md.edits_logits or not md.all_greedy)
-        work = apply_logits_processors(work, md)
-        work = apply_allowed_token_ids(work, md)
-        work = apply_bad_words(work, md)
-        work = apply_min_tokens(work, md)
-        work = apply_logit_bias(work, md)
-        work = apply_penalties(work, md)
-        sampled = sample(work, md)  # [N]
+        recheck = None
+        if md.all_greedy and not md.edits_logits:
+            # The argmax of the logits as they are: a float32 copy would
+            # give the same token (the conversion is exact).
+            sampled = logits.argmax(dim=-1)
+        else:
+            # [N, V] float32, our own contiguous copy.
+            work = logits.to(torch.float32,
+                             memory_format=torch.contiguous_format,
+                             copy=True)
+            work = apply_logits_processors(work, md)
+            work = apply_allowed_token_ids(work, md)
+            work = apply_bad_words(work, md)
+            work = apply_min_tokens(work, md)
+            work = apply_logit_bias(work, md)
+            work = apply_penalties(work, md)
+            sampled, recheck = sample(work, md, logits)  # [N]
 
         logprobs_tensors = None
         if md.max_num_logprobs is not None:
             logprobs_tensors = compute_topk_logprobs(logits, sampled,
                                                      md.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=sampled,
-                             logprobs_tensors=logprobs_tensors)
+                             logprobs_tensors=logprobs_tensors,
+                             recheck=recheck)
 
 
 # ------------------------------------------------ steps that apply to all rows
@@ -141,22 +219,26 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     logits / r, negative ones * r), then - frequency * count - presence *
     (count > 0) with the token's count in the output.
 
-    Touches only the [T] positions of the tokens seen, never [N, V]: the
-    output counts come from one sort of the output keys and two binary
-    searches. A token seen several times is written several times, always
-    with the same value.
+    Touches only the [T] positions of the tokens seen, never [N, V]. The
+    output counts come with ``PenaltyCounts`` (``SamplingState`` keeps them
+    on the device), or from one sort of ``PenaltyTensors``' output keys and
+    two binary searches. A token seen several times is written several
+    times, always with the same value.
     """
     penalties = md.penalties
     if penalties is None:
         return logits
     flat = logits.view(-1)  # [N * V]; keys index it
-    # The positions whose logits change: every token seen.
-    keys = torch.cat([penalties.output_keys, penalties.prompt_keys])  # [T]
-    sorted_output = penalties.output_keys.sort().values  # [T_out]
-    count = (torch.searchsorted(sorted_output, keys, right=True) -
-             torch.searchsorted(sorted_output, keys))  # [T] in the output
+    if isinstance(penalties, PenaltyCounts):
+        keys, count = penalties.keys, penalties.counts
+    else:
+        # The positions whose logits change: every token seen.
+        keys = torch.cat([penalties.output_keys, penalties.prompt_keys])
+        sorted_output = penalties.output_keys.sort().values  # [T_out]
+        count = (torch.searchsorted(sorted_output, keys, right=True) -
+                 torch.searchsorted(sorted_output, keys))  # [T] in the output
     rows = keys // logits.shape[-1]  # [T]
-    values = flat[keys]  # [T]
+    values = flat.index_select(0, keys)  # [T]
     repetition = penalties.repetition[rows]
     values = torch.where(values > 0, values / repetition, values * repetition)
     values = (values - penalties.frequency[rows] * count -
@@ -166,34 +248,76 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- sampling
-def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """Greedy rows take the argmax, the others a random draw. -> [N]
+def sample(logits: torch.Tensor, md: SamplingMetadata,
+           raw_logits: torch.Tensor) -> tuple[torch.Tensor, Recheck | None]:
+    """Greedy rows take the argmax, the others a random draw. -> [N], and
+    the rows to draw again (None: none can need it). ``raw_logits`` is the
+    sampler's input (a recheck's logprobs need it).
 
-    ``logits`` is consumed: the random draw changes it in place.
+    Each random row keeps the logits at or above its threshold, from top-nσ,
+    min_p, then top-k/top-p (every rule keeps the row's most likely token).
+    ``logits`` is consumed, unless rows may have to be drawn again.
     """
     if md.all_greedy:
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1), None
     # Truncation keeps the argmax, so greedy rows need none of it.
     greedy = None if md.all_random else logits.argmax(dim=-1)
-    logits = apply_threshold(logits, truncation_threshold(logits, md))
-    sampled = random_sample(logits, md)
-    if greedy is None:
-        return sampled
-    return torch.where(md.is_greedy, greedy, sampled)
-
-
-def truncation_threshold(logits: torch.Tensor,
-                         md: SamplingMetadata) -> torch.Tensor | None:
-    """The smallest logit each row keeps [N] (None: keep everything), from
-    top-nσ, min_p, then top-k/top-p, on the temperature-scaled
-    distribution. Every rule keeps the row's most likely token."""
     threshold = None
     if md.top_n_sigma is not None or md.min_p is not None:
         row_max = logits.amax(dim=-1)  # [N]
-        threshold = _at_least(threshold,
-                              top_n_sigma_threshold(logits, row_max, md))
-        threshold = _at_least(threshold, min_p_threshold(row_max, md))
-    return top_k_top_p_threshold(logits, threshold, md)
+        threshold = _at_least(top_n_sigma_threshold(logits, row_max, md),
+                              min_p_threshold(row_max, md))
+    cut = _top_k_top_p(logits, threshold, md)
+    recheck = None
+    if cut.values is not None and _draws_candidates(logits, md):
+        assert cut.threshold is not None and cut.indices is not None
+        sampled, seeded_log_q = sample_candidates(cut.values, cut.indices,
+                                                  cut.threshold, md,
+                                                  logits.shape[-1])
+        last = cut.values[:, -1]
+        # Every logit past the sorted ones is <= last: below the threshold,
+        # or -inf (it can never be drawn).
+        missed = (cut.threshold <= last) & (last > float("-inf"))
+        if cut.values.shape[-1] < logits.shape[-1]:
+            recheck = _recheck(missed, greedy, raw_logits, logits, cut,
+                               threshold, None, seeded_log_q, md)
+    else:
+        sampled, log_q = random_sample(logits,
+                                       cut.threshold,
+                                       md,
+                                       keep_logits=cut.long_nucleus is not None)
+        if cut.long_nucleus is not None:
+            recheck = _recheck(cut.long_nucleus, greedy, raw_logits, logits,
+                               cut, threshold, log_q, None, md)
+    if greedy is not None:
+        sampled = torch.where(md.is_greedy, greedy, sampled)
+    return sampled, recheck
+
+
+def _draws_candidates(logits: torch.Tensor, md: SamplingMetadata) -> bool:
+    """Whether the draw uses only each row's sorted largest logits."""
+    return md.top_k_top_p_everywhere or (md.truncated_everywhere
+                                         and logits.device.type
+                                         in _CANDIDATE_DRAW_DEVICES)
+
+
+def _recheck(rows: torch.Tensor, greedy: torch.Tensor | None,
+             raw_logits: torch.Tensor, work: torch.Tensor, cut: "_Cut",
+             threshold_before_top_p: torch.Tensor | None,
+             log_q: torch.Tensor | None,
+             seeded_log_q: tuple[torch.Tensor, torch.Tensor] | None,
+             md: SamplingMetadata) -> Recheck:
+    assert cut.threshold is not None
+    return Recheck(rows=rows if greedy is None else rows & ~md.is_greedy,
+                   logits=raw_logits,
+                   work=work,
+                   threshold=cut.threshold,
+                   long_nucleus=cut.long_nucleus,
+                   threshold_before_top_p=threshold_before_top_p,
+                   log_z=cut.log_z,
+                   log_q=log_q,
+                   seeded_log_q=seeded_log_q,
+                   md=md)
 
 
 def top_n_sigma_threshold(logits: torch.Tensor, row_max: torch.Tensor,
@@ -234,41 +358,125 @@ def top_k_top_p_threshold(logits: torch.Tensor, threshold: torch.Tensor | None,
                           md: SamplingMetadata) -> torch.Tensor | None:
     """Keep the k most likely tokens, then the smallest set of the most
     likely ones whose probability (renormalised over what earlier steps
-    kept) reaches p. Tokens tied with the last one kept are kept too.
+    kept) reaches p. Tokens tied with the last one kept are kept too."""
+    return _top_k_top_p(logits, threshold, md).threshold
 
-    Both look only at each row's ``top_k_top_p_width`` largest logits:
-    ``torch.topk`` when every top-p row also has a top-k (one small sorted
-    slice), one full descending sort otherwise.
+
+@dataclass
+class _Cut:
+    threshold: torch.Tensor | None  # [N]
+    # Each row's largest logits, sorted, and their token ids [N, W]; None
+    # when no row uses top_k or top_p.
+    values: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    # Top-p rows without top_k whose nucleus may end past the sorted logits
+    # [N] bool, and the top-p normaliser [N, 1]; None when every top-p row
+    # has a top_k or the whole vocabulary was sorted.
+    long_nucleus: torch.Tensor | None = None
+    log_z: torch.Tensor | None = None
+
+
+def _top_k_top_p(logits: torch.Tensor, threshold: torch.Tensor | None,
+                 md: SamplingMetadata) -> _Cut:
+    """``top_k_top_p_threshold``, without a sort of the whole vocabulary.
+
+    Both rules look only at each row's largest logits, sorted by
+    ``torch.topk``: the largest top_k of the batch when every top-p row also
+    has a top_k (top_p then renormalises over that slice). Rows with top_p
+    and no top_k use at least ``_CANDIDATES`` candidates, whose
+    probabilities are normalised over the whole row (one more pass over
+    [N, V]); where the nucleus does not end inside them, ``long_nucleus``
+    says so (their threshold is then too low). When the draw will use only
+    these logits (``_draws_candidates``), they are sorted even without top_k
+    and top_p (min_p, top-nσ), with ``_TIE_MARGIN`` more.
     """
-    if md.top_k is None and md.top_p is None:
-        return threshold
+    draw = _draws_candidates(logits, md)
+    if md.top_k is None and md.top_p is None and not draw:
+        return _Cut(threshold)
     vocab_size = logits.shape[-1]
     width = md.top_k_top_p_width
+    whole_rows = width == vocab_size  # some top-p row has no top_k
+    if whole_rows or (draw and not md.top_k_everywhere):
+        width = max(md.max_top_k, _CANDIDATES)
+    if draw:
+        width += _TIE_MARGIN
+    width = min(width, vocab_size)
     if width < vocab_size:
-        top = logits.topk(width, dim=-1).values  # [N, W] descending
+        values, indices = logits.topk(width, dim=-1)  # [N, W] descending
     else:
-        top = logits.sort(dim=-1, descending=True).values  # [N, V]
+        values, indices = logits.sort(dim=-1, descending=True)  # [N, V]
+    earlier = threshold
     if threshold is None:
         threshold = logits.new_full((logits.shape[0], ), float("-inf"))
+    cut = _Cut(threshold, values, indices)
 
     if md.top_k is not None:
         # "Off" is vocab_size, beyond the slice: those rows keep -inf.
         index = (md.top_k.clamp(max=width) - 1).unsqueeze(1)  # [N, 1]
-        kth = top.gather(dim=-1, index=index).squeeze(1)  # [N]
+        kth = values.gather(dim=-1, index=index).squeeze(1)  # [N]
         kth = kth.masked_fill(md.top_k >= vocab_size, float("-inf"))
-        threshold = torch.maximum(threshold, kth)
+        threshold = cut.threshold = torch.maximum(threshold, kth)
 
-    if md.top_p is not None:
-        # The survivors so far are a prefix of the sorted slice.
-        kept = top.masked_fill(top < threshold.unsqueeze(1), float("-inf"))
-        probs = (kept / md.temperature.unsqueeze(1)).softmax(dim=-1)
-        # A token stays while the tokens more likely than it hold < p.
-        mass_before = probs.cumsum(dim=-1) - probs  # [N, W]
-        num_kept = (mass_before < md.top_p.unsqueeze(1)).sum(dim=-1)  # >= 1
-        last = top.gather(dim=-1, index=(num_kept - 1).unsqueeze(1))
-        nucleus = torch.maximum(threshold, last.squeeze(1))
-        threshold = torch.where(md.top_p < 1.0, nucleus, threshold)
-    return threshold
+    if md.top_p is None:
+        return cut
+    # The survivors so far are a prefix of the sorted slice. top_p
+    # renormalises over exactly the k most likely tokens: logits tied with
+    # the k-th do not count, whatever the slice's width.
+    dropped = values < threshold.unsqueeze(1)
+    if md.top_k is not None:
+        dropped |= torch.arange(width,
+                                device=values.device) >= md.top_k.unsqueeze(1)
+    kept = values.masked_fill(dropped, float("-inf"))
+    inverse_t = md.temperature.reciprocal().unsqueeze(1)  # [N, 1]
+    if whole_rows:
+        # The row's max: every rule keeps it.
+        shift = -values[:, :1] * inverse_t  # [N, 1]
+        cut.log_z = _log_normaliser(logits, earlier, shift, inverse_t)
+        probs = _whole_row_probs(kept, shift, inverse_t, cut.log_z)
+        if md.top_k is not None:
+            probs = torch.where((md.top_k < vocab_size).unsqueeze(1),
+                                (kept * inverse_t).softmax(dim=-1), probs)
+    else:
+        probs = (kept * inverse_t).softmax(dim=-1)
+    last, num_kept = _nucleus_end(values, probs, md.top_p)
+    nucleus = torch.maximum(threshold, last)
+    cut.threshold = torch.where(md.top_p < 1.0, nucleus, threshold)
+    if whole_rows and width < vocab_size:
+        long_nucleus = (num_kept == width) & (md.top_p < 1.0)
+        if md.top_k is not None:
+            long_nucleus &= md.top_k >= vocab_size
+        cut.long_nucleus = long_nucleus
+    return cut
+
+
+def _log_normaliser(logits: torch.Tensor, threshold: torch.Tensor | None,
+                    shift: torch.Tensor,
+                    inverse_t: torch.Tensor) -> torch.Tensor:
+    """log of sum(exp(x / T + shift)) over each row's logits x at or above
+    its threshold. -> [N, 1]"""
+    z = torch.addcmul(shift, logits, inverse_t).exp_()  # [N, V]
+    if threshold is not None:
+        z.masked_fill_(logits < threshold.unsqueeze(1), 0.0)
+    return z.sum(dim=-1, keepdim=True).log_()
+
+
+def _whole_row_probs(kept: torch.Tensor, shift: torch.Tensor,
+                     inverse_t: torch.Tensor,
+                     log_z: torch.Tensor) -> torch.Tensor:
+    """exp(x / T + shift) / Z of sorted logits, with log Z from
+    ``_log_normaliser`` (the same shift)."""
+    return (torch.addcmul(shift, kept, inverse_t) - log_z).exp_()
+
+
+def _nucleus_end(values: torch.Tensor, probs: torch.Tensor,
+                 top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last logit of each row's nucleus [N] and the nucleus size [N],
+    from its sorted logits and their probabilities [N, W]."""
+    # A token stays while the tokens more likely than it hold < p.
+    mass_before = probs.cumsum(dim=-1) - probs  # [N, W]
+    num_kept = (mass_before < top_p.unsqueeze(1)).sum(dim=-1)  # >= 1
+    last = values.gather(dim=-1, index=(num_kept - 1).unsqueeze(1))
+    return last.squeeze(1), num_kept
 
 
 def apply_threshold(logits: torch.Tensor,
@@ -289,28 +497,129 @@ def _at_least(a: torch.Tensor | None,
     return torch.maximum(a, b)
 
 
-def random_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """Draw one token per row from softmax(logits / T). -> [N]
+def _exponential_(q: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill ``q`` with Exp(1) draws, never 0.
+
+    CUDA uses exponential_ (never 0 there). On the CPU, where exponential_
+    is several times slower, q = -log u with u ~ U[0, 1) (u = 0 gives
+    q = inf: that token loses).
+    """
+    if q.device.type == "cuda":
+        return q.exponential_(generator=generator)
+    return q.uniform_(generator=generator).log_().neg_()
+
+
+def random_sample(logits: torch.Tensor, threshold: torch.Tensor | None,
+                  md: SamplingMetadata,
+                  keep_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from softmax(logits / T) over the logits at
+    or above each row's threshold. -> [N], and the noise log q [N, V]
 
     Gumbel-max: with q ~ Exp(1), -log q is Gumbel noise, and
     argmax(x / T - log q) = argmax(x - T log q) is such a draw. A seeded row
     draws its q from its own generator only, so its tokens do not depend on
-    the rest of the batch. ``logits`` is overwritten.
+    the rest of the batch. ``logits`` is overwritten unless ``keep_logits``.
     """
     generators = md.generators
-    # CUDA draws q with exponential_ (never 0 there). On the CPU, where
-    # exponential_ is several times slower, q = -log u with u ~ U[0, 1),
-    # which is never 0 either (u = 0 gives q = inf: that token loses).
-    on_cuda = logits.device.type == "cuda"
-    draw = torch.Tensor.exponential_ if on_cuda else torch.Tensor.uniform_
     q = torch.empty_like(logits)  # [N, V]
     if len(generators) < logits.shape[0]:
-        draw(q)  # unseeded rows, one call for the batch
+        _exponential_(q)  # unseeded rows, one call for the batch
     for row, generator in generators.items():
-        draw(q[row], generator=generator)
-    log_q = q.log_() if on_cuda else q.log_().neg_().log_()
-    logits.addcmul_(log_q, md.temperature.unsqueeze(1), value=-1.0)
-    return logits.argmax(dim=-1)
+        _exponential_(q[row], generator)
+    log_q = q.log_()
+    temperature = md.temperature.unsqueeze(1)
+    if keep_logits:
+        score = torch.addcmul(logits, log_q, temperature, value=-1.0)
+        if threshold is not None:
+            score.masked_fill_(logits < threshold.unsqueeze(1), float("-inf"))
+    else:
+        score = apply_threshold(logits, threshold).addcmul_(log_q,
+                                                            temperature,
+                                                            value=-1.0)
+    return score.argmax(dim=-1), log_q
+
+
+def sample_candidates(
+    values: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor,
+    md: SamplingMetadata, vocab_size: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``random_sample`` over each row's sorted logits ``values`` [N, W]
+    (token ids ``indices``) only: exact for the rows whose kept tokens are
+    all among them. -> token ids [N], and the seeded rows with their noise
+    over the whole vocabulary ([S], [S, V]), or None.
+
+    A seeded row still draws q for the whole vocabulary, from its own
+    generator, and takes that of its candidates: its tokens are those of
+    ``random_sample``, whatever the rest of the batch.
+    """
+    log_q = _exponential_(torch.empty_like(values)).log_()  # [N, W]
+    seeded = None
+    if md.seeded_rows is not None:
+        full = values.new_empty(len(md.generators), vocab_size)
+        for i, generator in enumerate(md.generators.values()):
+            _exponential_(full[i], generator)
+        full.log_()
+        rows = md.seeded_rows
+        log_q[rows] = full.gather(dim=-1, index=indices[rows])
+        seeded = rows, full
+    score = torch.addcmul(values,
+                          log_q,
+                          md.temperature.unsqueeze(1),
+                          value=-1.0)
+    score.masked_fill_(values < threshold.unsqueeze(1), float("-inf"))
+    best = score.argmax(dim=-1, keepdim=True)  # [N, 1]
+    return indices.gather(dim=-1, index=best).squeeze(1), seeded
+
+
+def _sample_again(out: SamplerOutput, recheck: Recheck,
+                  rows: list[int]) -> None:
+    """Draw ``rows`` again over the whole vocabulary, with their exact
+    threshold (a top-p nucleus that was too long: from a sort of the whole
+    row), in ``out``."""
+    index = torch.tensor(rows, device=recheck.work.device)
+    work = recheck.work[index]  # [R, V]
+    md = recheck.md
+    threshold = recheck.threshold[index]
+    if recheck.long_nucleus is not None:
+        assert md.top_p is not None and recheck.log_z is not None
+        values = work.sort(dim=-1, descending=True).values
+        before = values.new_full((len(rows), ), float("-inf"))
+        if recheck.threshold_before_top_p is not None:
+            before = recheck.threshold_before_top_p[index]
+        kept = values.masked_fill(values < before.unsqueeze(1), float("-inf"))
+        inverse_t = md.temperature[index].reciprocal().unsqueeze(1)
+        probs = _whole_row_probs(kept, -values[:, :1] * inverse_t, inverse_t,
+                                 recheck.log_z[index])
+        nucleus = torch.maximum(before,
+                                _nucleus_end(values, probs, md.top_p[index])[0])
+        threshold = torch.where(recheck.long_nucleus[index], nucleus, threshold)
+    if recheck.log_q is not None:
+        log_q = recheck.log_q[index]  # the same noise as the first draw
+    else:
+        # A new draw, except for the seeded rows: their first one.
+        log_q = _exponential_(torch.empty_like(work)).log_()
+        if recheck.seeded_log_q is not None:
+            seeded_rows, full = recheck.seeded_log_q
+            position = {row: i for i, row in enumerate(seeded_rows.tolist())}
+            for i, row in enumerate(rows):
+                if row in position:
+                    log_q[i] = full[position[row]]
+    score = torch.addcmul(work,
+                          log_q,
+                          md.temperature[index].unsqueeze(1),
+                          value=-1.0)
+    score.masked_fill_(work < threshold.unsqueeze(1), float("-inf"))
+    tokens = score.argmax(dim=-1)
+    out.sampled_token_ids[index] = tokens
+    if out.logprobs_tensors is not None:
+        assert md.max_num_logprobs is not None
+        again = compute_topk_logprobs(recheck.logits[index], tokens,
+                                      md.max_num_logprobs)
+        lp = out.logprobs_tensors
+        lp.logprob_token_ids[index] = again.logprob_token_ids
+        lp.logprobs[index] = again.logprobs
+        lp.selected_token_ranks[index] = again.selected_token_ranks
 
 
 # ----------------------------------------------------------------- logprobs

@@ -1,0 +1,576 @@
+"""``SamplingState``: the engine's sampling inputs, kept from step to step.
+
+``SamplingMetadata.prepare`` converts every request's parameters and token
+histories at every step. ``SamplingState.prepare`` returns the same metadata
+but keeps what does not change between steps:
+
+- every sequence that samples owns a slot; its parameters are converted
+  once, when it joins. The per-row tensors are rebuilt only when the batch's
+  sequences change: an unchanged all-greedy batch costs one list comparison.
+- for the penalties, each slot's token history (the prompt, for a repetition
+  penalty, then the output) and its output token counts ([slots, vocab]
+  int32) stay on the device; a step uploads only the tokens sampled since
+  the last one (three ints per row) and updates both in place.
+
+Only rows with min_tokens or bad words look at their outputs on the host at
+every step. A sequence absent from a step loses its slot (it finished, or
+was preempted: it is rebuilt from its lists when it comes back), so the
+caller never has to say which sequences finished.
+"""
+import dataclasses
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm.model_executor.sampling_metadata import (HostBuffers, PenaltyCounts,
+                                                   SamplingMetadata,
+                                                   bad_words_pairs,
+                                                   checked_bad_words, pairs)
+from vllm.sampling_params import (LogitsProcessor, SamplingParams, SamplingType,
+                                  logits_processor_takes_prompt)
+
+# Columns of SamplingState._floats, one row per slot.
+_TEMPERATURE, _TOP_P, _MIN_P, _TOP_N_SIGMA = 0, 1, 2, 3
+_PRESENCE, _FREQUENCY, _REPETITION = 4, 5, 6
+# Columns of SamplingState._ints.
+_GREEDY, _TOP_K, _NUM_LOGPROBS, _MIN_TOKENS, _FLAGS = 0, 1, 2, 3, 4
+# Bits of the _FLAGS column: which sparse features a slot uses.
+_PENALISED, _BIAS, _ALLOWED, _BAD_WORDS, _PROCESSORS, _SEEDED = (
+    1 << i for i in range(6))
+
+
+@dataclass
+class _Request:
+    """What a slot keeps of its sequence besides its numeric parameters."""
+    generator: torch.Generator | None
+    stop_ids: np.ndarray  # [S] int64: forbidden while below min_tokens
+    bias: tuple[np.ndarray, np.ndarray] | None  # token ids, values
+    allowed: np.ndarray | None  # token ids
+    bad_words: list[list[int]] | None
+    processors: list[tuple[LogitsProcessor, bool]]
+    uses_prompt: bool  # repetition penalty: the prompt is in the history
+
+
+@dataclass
+class _HistoryUpdate:
+    """What ``_update_histories`` uploads for the device side."""
+    lengths: np.ndarray  # [P] each penalised row's history length
+    rebuilt: bool = False
+    appended: bool = False
+    # Some row has no token at all: a per-step repetition tensor.
+    empty_rows: bool = False
+
+
+@dataclass
+class _Batch:
+    """One composition of the batch: its slots and the metadata that does
+    not change while the same sequences sample."""
+    seq_ids: list[int]
+    metadata: SamplingMetadata  # min_tokens, bad words, penalties: None
+    min_tokens_rows: list[int]
+    bad_words_rows: list[int]
+    penalised_rows: list[int]
+    penalised_slots: np.ndarray  # [P] int64
+    penalised_rows_dev: torch.Tensor | None  # [P] int64
+    penalised_slots_dev: torch.Tensor | None  # [P] int64
+    # presence, frequency, repetition [N] float32, when some row is penalised
+    penalty_params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    # Only the metadata's output and prompt lists change at each step.
+    static: bool
+
+
+def _pick(items: list, index: np.ndarray) -> list:
+    """``items`` at ``index`` (sorted, unique); no copy when it is all."""
+    if len(index) == len(items):
+        return items
+    return [items[i] for i in index.tolist()]
+
+
+class SamplingState:
+    """Builds each step's ``SamplingMetadata`` from state kept since the
+    last step (one per model runner).
+
+    NOTE: a sequence keeps the parameters, generator and token lists it had
+    when it joined; its output list may only grow by appending (as
+    ``Sequence.output_token_ids`` does). A list that changed otherwise is
+    converted again.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reset(0)
+
+    def _reset(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._slot_of: dict[int, int] = {}
+        self._free: list[int] = []
+        self._floats = np.zeros((0, 7), dtype=np.float32)
+        self._ints = np.zeros((0, 5), dtype=np.int64)
+        self._requests: list[_Request | None] = []
+        # Penalties: per slot, the output list whose tokens the device
+        # history holds, how many of them it holds, and the history length.
+        self._outputs = np.empty(0, dtype=object)
+        self._output_len = np.zeros(0, dtype=np.int64)
+        self._last_token = np.zeros(0, dtype=np.int64)  # of that output
+        self._history_len = np.zeros(0, dtype=np.int64)
+        # [slots, L] int64: each history padded with its first token, so
+        # that every column is a key the penalties may write.
+        self._history: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None  # [slots, V] int32
+        self._batch: _Batch | None = None
+
+    @property
+    def num_slots(self) -> int:
+        """Slots in use: the sequences of the last step."""
+        return len(self._slot_of)
+
+    def prepare(self, seq_ids: list[int], params: list[SamplingParams],
+                generators: list[torch.Generator | None],
+                output_token_ids: list[list[int]],
+                prompt_token_ids: list[list[int]],
+                vocab_size: int) -> SamplingMetadata:
+        """The metadata of one step; ``seq_ids[i]`` identifies row i's
+        sequence, the other lists are as for ``SamplingMetadata.prepare``
+        (bad words come from ``params.bad_words_token_ids``)."""
+        if vocab_size != self.vocab_size:
+            self._reset(vocab_size)
+        batch = self._batch
+        if batch is None or batch.seq_ids != seq_ids:
+            batch = self._batch = self._new_batch(list(seq_ids), params,
+                                                  generators, output_token_ids,
+                                                  prompt_token_ids)
+        if batch.static:
+            # Its token lists are those of the same sequences.
+            return batch.metadata
+
+        host = HostBuffers(self.device)
+        mask_rows, mask_cols = self._min_tokens_pairs(batch, output_token_ids)
+        bad_rows, bad_cols = bad_words_pairs(batch.bad_words_rows, [
+            self._request_of(batch, row).bad_words
+            for row in batch.bad_words_rows
+        ], [output_token_ids[row] for row in batch.bad_words_rows], vocab_size)
+        if mask_rows:
+            host.add("min_tokens_rows", mask_rows, np.int64)
+            host.add("min_tokens_cols", mask_cols, np.int64)
+        if bad_rows:
+            host.add("bad_rows", bad_rows, np.int64)
+            host.add("bad_cols", bad_cols, np.int64)
+        update = self._update_histories(batch, output_token_ids,
+                                        prompt_token_ids, host)
+        get = host.to_device()
+        penalties = None
+        if batch.penalised_rows:
+            penalties = self._penalty_counts(batch, update, get)
+        return dataclasses.replace(
+            batch.metadata,
+            min_tokens_mask=((get("min_tokens_rows"),
+                              get("min_tokens_cols")) if mask_rows else None),
+            bad_words_mask=(get("bad_rows"),
+                            get("bad_cols")) if bad_rows else None,
+            penalties=penalties,
+            has_masked_tokens=bool(batch.metadata.has_masked_tokens or mask_rows
+                                   or bad_rows),
+            output_token_ids=output_token_ids,
+            prompt_token_ids=prompt_token_ids)
+
+    # ------------------------------------------------------------ slots
+    def _admit(self, seq_id: int, params: SamplingParams,
+               generator: torch.Generator | None) -> int:
+        """A slot for a sequence that joins, with its parameters."""
+        if not self._free:
+            self._grow_slots(max(16, 2 * len(self._requests)))
+        slot = self._free.pop()
+        self._slot_of[seq_id] = slot
+        vocab_size = self.vocab_size
+        greedy = params.sampling_type == SamplingType.GREEDY
+        penalised = (params.presence_penalty != 0.0
+                     or params.frequency_penalty != 0.0
+                     or params.repetition_penalty != 1.0)
+        bad_words = checked_bad_words(params)
+        processors = [(fn, bool(logits_processor_takes_prompt(fn)))
+                      for fn in params.logits_processors or ()]
+        # Ids outside the logits are ignored, as in SamplingMetadata.
+        stop_ids = np.fromiter(
+            (t for t in params.all_stop_token_ids if t < vocab_size),
+            dtype=np.int64)
+        bias = None
+        if params.logit_bias:
+            cols = np.fromiter(params.logit_bias, dtype=np.int64)
+            values = np.fromiter(params.logit_bias.values(), dtype=np.float32)
+            bias = cols[cols < vocab_size], values[cols < vocab_size]
+        allowed = None
+        if params.allowed_token_ids is not None:
+            allowed = np.asarray(params.allowed_token_ids, dtype=np.int64)
+            allowed = allowed[allowed < vocab_size]
+        self._floats[slot] = (
+            1.0 if greedy else params.temperature,  # greedy rows divide by 1
+            params.top_p,
+            params.min_p,
+            params.top_n_sigma or 0.0,
+            params.presence_penalty,
+            params.frequency_penalty,
+            params.repetition_penalty)
+        flags = ((_PENALISED if penalised else 0) |
+                 (_BIAS if bias is not None else 0) |
+                 (_ALLOWED if allowed is not None else 0) |
+                 (_BAD_WORDS if bad_words else 0) |
+                 (_PROCESSORS if processors else 0) |
+                 (_SEEDED if generator is not None else 0))
+        num_logprobs = -1
+        if params.logprobs is not None:
+            num_logprobs = (vocab_size if params.logprobs == -1 else min(
+                params.logprobs, vocab_size))
+        self._ints[slot] = (greedy, vocab_size if params.top_k == 0 else min(
+            params.top_k, vocab_size), num_logprobs, params.min_tokens, flags)
+        self._requests[slot] = _Request(generator=generator,
+                                        stop_ids=stop_ids,
+                                        bias=bias,
+                                        allowed=allowed,
+                                        bad_words=bad_words,
+                                        processors=processors,
+                                        uses_prompt=params.repetition_penalty
+                                        != 1.0)
+        # No history yet: the first step converts it.
+        self._outputs[slot] = None
+        self._output_len[slot] = 0
+        self._history_len[slot] = 0
+        return slot
+
+    def _release(self, seq_id: int) -> None:
+        slot = self._slot_of.pop(seq_id)
+        self._requests[slot] = None
+        self._outputs[slot] = None
+        self._free.append(slot)
+
+    def _grow_slots(self, num_slots: int) -> None:
+        old = len(self._requests)
+        self._floats = np.resize(self._floats, (num_slots, 7))
+        self._ints = np.resize(self._ints, (num_slots, 5))
+        self._outputs = np.resize(self._outputs, num_slots)
+        self._output_len = np.resize(self._output_len, num_slots)
+        self._last_token = np.resize(self._last_token, num_slots)
+        self._history_len = np.resize(self._history_len, num_slots)
+        self._requests += [None] * (num_slots - old)
+        # Lowest slots first.
+        self._free += reversed(range(old, num_slots))
+
+    def _request_of(self, batch: _Batch, row: int) -> _Request:
+        request = self._requests[self._slot_of[batch.seq_ids[row]]]
+        assert request is not None
+        return request
+
+    # ------------------------------------------------------------ batches
+    def _new_batch(self, seq_ids: list[int], params: list[SamplingParams],
+                   generators: list[torch.Generator | None],
+                   output_token_ids: list[list[int]],
+                   prompt_token_ids: list[list[int]]) -> _Batch:
+        """Slots for a new composition, and the metadata that stays."""
+        vocab_size = self.vocab_size
+        row_of = dict(zip(seq_ids, range(len(seq_ids))))
+        for seq_id in self._slot_of.keys() - row_of.keys():
+            self._release(seq_id)
+        for seq_id in row_of.keys() - self._slot_of.keys():
+            row = row_of[seq_id]
+            self._admit(seq_id, params[row], generators[row])
+        slots = np.fromiter(map(self._slot_of.__getitem__, seq_ids),
+                            dtype=np.int64,
+                            count=len(seq_ids))
+        floats, ints = self._floats[slots], self._ints[slots]
+        flags = ints[:, _FLAGS]
+        used = int(np.bitwise_or.reduce(flags)) if len(flags) else 0
+
+        def rows_with(flag: int) -> list[int]:
+            if not used & flag:
+                return []
+            return np.flatnonzero(flags & flag).tolist()
+
+        def request(row: int) -> _Request:
+            found = self._requests[slots[row]]
+            assert found is not None
+            return found
+
+        is_greedy = ints[:, _GREEDY] != 0
+        top_k, top_p = ints[:, _TOP_K], floats[:, _TOP_P]
+        use_top_k = bool((top_k < vocab_size).any())
+        use_top_p = bool((top_p < 1.0).any())
+        use_min_p = bool((floats[:, _MIN_P] > 0.0).any())
+        use_top_n_sigma = bool((floats[:, _TOP_N_SIGMA] != 0.0).any())
+        max_top_k = int(top_k[top_k < vocab_size].max()) if use_top_k else 0
+        num_logprobs = ints[:, _NUM_LOGPROBS]
+        penalised_rows = rows_with(_PENALISED)
+        penalised_slots = slots[penalised_rows]
+
+        seeded = {
+            row: generator
+            for row in rows_with(_SEEDED)
+            if (generator := request(row).generator) is not None
+        }
+        host = HostBuffers(self.device)
+        host.add("temperature", floats[:, _TEMPERATURE], np.float32)
+        if seeded:
+            host.add("seeded_rows", list(seeded), np.int64)
+        host.add("is_greedy", is_greedy, np.int64)
+        if use_top_p:
+            host.add("top_p", top_p, np.float32)
+        if use_top_k:
+            host.add("top_k", top_k, np.int64)
+        if use_min_p:
+            host.add("min_p", floats[:, _MIN_P], np.float32)
+        if use_top_n_sigma:
+            host.add("top_n_sigma", floats[:, _TOP_N_SIGMA], np.float32)
+        if penalised_rows:
+            host.add("presence", floats[:, _PRESENCE], np.float32)
+            host.add("frequency", floats[:, _FREQUENCY], np.float32)
+            host.add("repetition", floats[:, _REPETITION], np.float32)
+            host.add("penalised_rows", penalised_rows, np.int64)
+            host.add("penalised_slots", penalised_slots, np.int64)
+        bias_rows = rows_with(_BIAS)
+        if bias_rows:
+            biases = [request(row).bias for row in bias_rows]
+            rows, cols = pairs(bias_rows, [b[0] for b in biases if b])
+            host.add("bias_rows", rows, np.int64)
+            host.add("bias_cols", cols, np.int64)
+            host.add("bias_values", np.concatenate([b[1] for b in biases if b]),
+                     np.float32)
+        allowed_rows = rows_with(_ALLOWED)
+        if allowed_rows:
+            allowed = [request(row).allowed for row in allowed_rows]
+            rows, cols = pairs(allowed_rows,
+                               [a for a in allowed if a is not None])
+            host.add("allowed_row_ids", allowed_rows, np.int64)
+            host.add("allowed_rows", rows, np.int64)
+            host.add("allowed_cols", cols, np.int64)
+        get = host.to_device()
+
+        processors = [(row, request(row).processors)
+                      for row in rows_with(_PROCESSORS)]
+        min_tokens_rows = [
+            row for row in np.flatnonzero(ints[:, _MIN_TOKENS]).tolist()
+            if len(request(row).stop_ids)
+        ]
+        bad_words_rows = rows_with(_BAD_WORDS)
+        metadata = SamplingMetadata(
+            temperature=get("temperature"),
+            is_greedy=get("is_greedy") != 0,
+            all_greedy=bool(is_greedy.all()),
+            all_random=not is_greedy.any(),
+            top_p=get("top_p") if use_top_p else None,
+            top_k=get("top_k") if use_top_k else None,
+            top_k_top_p_width=(vocab_size if
+                               ((top_p < 1.0) &
+                                (top_k == vocab_size)).any() else max_top_k),
+            max_top_k=max_top_k,
+            truncated_everywhere=bool(
+                not is_greedy.all()
+                and (is_greedy | (top_k < vocab_size) | (top_p < 1.0) |
+                     (floats[:, _MIN_P] > 0.0) |
+                     (floats[:, _TOP_N_SIGMA] != 0.0)).all()),
+            top_k_top_p_everywhere=bool(not is_greedy.all()
+                                        and (is_greedy | (top_k < vocab_size) |
+                                             (top_p < 1.0)).all()),
+            top_k_everywhere=bool(not is_greedy.all()
+                                  and (is_greedy | (top_k < vocab_size)).all()),
+            min_p=get("min_p") if use_min_p else None,
+            top_n_sigma=get("top_n_sigma") if use_top_n_sigma else None,
+            generators=seeded,
+            seeded_rows=get("seeded_rows") if seeded else None,
+            max_num_logprobs=(int(num_logprobs.max()) if
+                              (num_logprobs >= 0).any() else None),
+            min_tokens_mask=None,
+            penalties=None,
+            logit_bias=(((get("bias_rows"), get("bias_cols")),
+                         get("bias_values")) if bias_rows else None),
+            allowed_token_ids=((get("allowed_row_ids"), (get("allowed_rows"),
+                                                         get("allowed_cols")))
+                               if allowed_rows else None),
+            bad_words_mask=None,
+            has_masked_tokens=bool(allowed_rows or processors),
+            logits_processors=processors,
+            output_token_ids=output_token_ids,
+            prompt_token_ids=prompt_token_ids,
+        )
+        return _Batch(
+            seq_ids=seq_ids,
+            metadata=metadata,
+            min_tokens_rows=min_tokens_rows,
+            bad_words_rows=bad_words_rows,
+            penalised_rows=penalised_rows,
+            penalised_slots=penalised_slots,
+            penalised_rows_dev=(get("penalised_rows")
+                                if penalised_rows else None),
+            penalised_slots_dev=(get("penalised_slots")
+                                 if penalised_rows else None),
+            penalty_params=((get("presence"), get("frequency"),
+                             get("repetition")) if penalised_rows else None),
+            static=not (min_tokens_rows or bad_words_rows or penalised_rows))
+
+    def _min_tokens_pairs(
+            self, batch: _Batch,
+            output_token_ids: list[list[int]]) -> tuple[list[int], list[int]]:
+        """The stop ids of the rows still below their min_tokens."""
+        rows = [
+            row for row in batch.min_tokens_rows if len(output_token_ids[row]) <
+            self._ints[self._slot_of[batch.seq_ids[row]], _MIN_TOKENS]
+        ]
+        if not rows:
+            return [], []
+        mask_rows, mask_cols = pairs(
+            rows, [self._request_of(batch, row).stop_ids for row in rows])
+        return mask_rows.tolist(), mask_cols.tolist()
+
+    # ------------------------------------------------------------ penalties
+    def _update_histories(self, batch: _Batch,
+                          output_token_ids: list[list[int]],
+                          prompt_token_ids: list[list[int]],
+                          host: HostBuffers) -> _HistoryUpdate:
+        """Host side of bringing the penalised rows' device histories and
+        counts up to date: append the one token each output gained since the
+        last step, rebuild the rows that changed otherwise."""
+        rows = batch.penalised_rows
+        if not rows:
+            return _HistoryUpdate(np.zeros(0, dtype=np.int64))
+        slots = batch.penalised_slots
+        outputs = list(map(output_token_ids.__getitem__, rows))
+        lengths = np.fromiter(map(len, outputs),
+                              dtype=np.int64,
+                              count=len(rows))
+        same = np.fromiter(map(operator.is_, outputs, self._outputs[slots]),
+                           dtype=bool,
+                           count=len(rows))
+        known = self._output_len[slots]
+        grown = lengths - known
+        # Was the last token converted changed in place?
+        check = np.flatnonzero(same & (known > 0) & (grown >= 0))
+        if len(check):
+            last_known = np.fromiter(map(operator.getitem,
+                                         _pick(outputs, check),
+                                         (known[check] - 1).tolist()),
+                                     dtype=np.int64,
+                                     count=len(check))
+            same[check] &= last_known == self._last_token[slots[check]]
+        history_len = self._history_len[slots]
+        # A history that was empty has no token to pad with: rebuilt.
+        append = same & (grown == 1) & (history_len > 0)
+        rebuild = ~append & ~(same & (grown == 0))
+        update = _HistoryUpdate(history_len + append, bool(rebuild.any()),
+                                bool(append.any()))
+        histories = []
+        rebuilt = np.flatnonzero(rebuild).tolist()
+        for i in rebuilt:
+            request = self._request_of(batch, rows[i])
+            prompt = prompt_token_ids[rows[i]] if request.uses_prompt else []
+            histories.append(np.asarray(prompt + outputs[i], dtype=np.int64))
+            update.lengths[i] = len(histories[-1])
+            self._outputs[slots[i]] = outputs[i]
+            self._output_len[slots[i]] = len(outputs[i])
+            self._last_token[slots[i]] = outputs[i][-1] if outputs[i] else -1
+        if update.rebuilt or update.appended:
+            width = self._ensure_history(int(update.lengths.max()))
+        if update.rebuilt:
+            padded = np.zeros((len(rebuilt), width), dtype=np.int64)
+            for out, history in zip(padded, histories):
+                out[:len(history)] = history
+                out[len(history):] = history[0] if len(history) else 0
+            count_slots, count_tokens = pairs(slots[rebuilt].tolist(),
+                                              [outputs[i] for i in rebuilt])
+            host.add("rebuild_slots", slots[rebuilt], np.int64)
+            host.add("rebuild_histories", padded, np.int64)
+            host.add("rebuild_count_keys",
+                     count_slots * self.vocab_size + count_tokens, np.int64)
+        if update.appended:
+            appended = np.flatnonzero(append)
+            last = np.fromiter(map(operator.itemgetter(-1),
+                                   _pick(outputs, appended)),
+                               dtype=np.int64,
+                               count=len(appended))
+            host.add("append_slots", slots[appended], np.int64)
+            host.add("append_positions", history_len[appended], np.int64)
+            host.add("append_tokens", last, np.int64)
+            host.add("append_count_keys",
+                     slots[appended] * self.vocab_size + last, np.int64)
+            self._output_len[slots[appended]] += 1
+            self._last_token[slots[appended]] = last
+        self._history_len[slots] = update.lengths
+        if not update.lengths.all():
+            # A row without any token has nothing to penalise: its keys all
+            # repeat token 0, which a repetition penalty must not touch.
+            update.empty_rows = True
+            repetition = self._floats[self._slot_array(batch), _REPETITION]
+            repetition[rows] = np.where(update.lengths == 0, 1.0,
+                                        repetition[rows])
+            host.add("repetition_now", repetition, np.float32)
+        return update
+
+    def _slot_array(self, batch: _Batch) -> np.ndarray:
+        return np.fromiter(map(self._slot_of.__getitem__, batch.seq_ids),
+                           dtype=np.int64,
+                           count=len(batch.seq_ids))
+
+    def _ensure_history(self, length: int) -> int:
+        """Room on the device for every slot and ``length`` history tokens
+        per slot; returns the history's width."""
+        num_slots = len(self._requests)
+        history = self._history
+        width = 64 if history is None else history.shape[1]
+        while width < length:
+            width *= 2
+        if history is not None and history.shape == (num_slots, width):
+            return width
+        grown = torch.zeros((num_slots, width),
+                            dtype=torch.int64,
+                            device=self.device)
+        counts = torch.zeros((num_slots, self.vocab_size),
+                             dtype=torch.int32,
+                             device=self.device)
+        if history is not None and self._counts is not None:
+            rows, old_width = history.shape
+            grown[:rows, :old_width] = history
+            # New columns repeat each history's first token (padding).
+            grown[:rows, old_width:] = history[:, :1]
+            counts[:rows] = self._counts
+        self._history, self._counts = grown, counts
+        return width
+
+    def _penalty_counts(self, batch: _Batch, update: _HistoryUpdate,
+                        get: Callable[[str], torch.Tensor]) -> PenaltyCounts:
+        """Device side: apply the uploaded updates, then the keys of every
+        history token and their output counts."""
+        history, counts = self._history, self._counts
+        assert history is not None and counts is not None
+        assert batch.penalised_rows_dev is not None
+        assert batch.penalised_slots_dev is not None
+        assert batch.penalty_params is not None
+        # Output counts grow by index_add_ on the flat view (atomics).
+        flat_counts = counts.view(-1)
+        if update.rebuilt:
+            rebuilt = get("rebuild_slots")
+            history.index_copy_(
+                0, rebuilt,
+                get("rebuild_histories").view(len(rebuilt), history.shape[1]))
+            counts.index_fill_(0, rebuilt, 0)
+            keys = get("rebuild_count_keys")
+            flat_counts.index_add_(0, keys,
+                                   torch.ones_like(keys, dtype=torch.int32))
+        if update.appended:
+            history.index_put_((get("append_slots"), get("append_positions")),
+                               get("append_tokens"))
+            keys = get("append_count_keys")
+            flat_counts.index_add_(0, keys,
+                                   torch.ones_like(keys, dtype=torch.int32))
+        # Every penalised row's history, padded to the longest: [P, L].
+        length = max(1, int(update.lengths.max()))
+        slots = batch.penalised_slots_dev
+        tokens = history[:, :length].index_select(0, slots)
+        rows = batch.penalised_rows_dev.unsqueeze(1)
+        presence, frequency, repetition = batch.penalty_params
+        return PenaltyCounts(
+            presence=presence,
+            frequency=frequency,
+            repetition=(get("repetition_now")
+                        if update.empty_rows else repetition),
+            keys=(tokens + rows * self.vocab_size).view(-1),
+            counts=counts.view(-1).index_select(
+                0, (tokens + slots.unsqueeze(1) * self.vocab_size).view(-1)))
