@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmark_throughput import environment, w1_requests
 from vllm import LLM, SamplingParams
+from vllm.sampling_params import RequestOutputKind
 from vllm.engine.arg_utils import EngineArgs
 
 
@@ -41,7 +42,8 @@ def build_engine(args: argparse.Namespace) -> Any:
             SamplingParams(temperature=r.temperature,
                            ignore_eos=True,
                            max_tokens=r.max_tokens,
-                           detokenize=False))
+                           detokenize=False,
+                           output_kind=RequestOutputKind.FINAL_ONLY))
     return engine
 
 
