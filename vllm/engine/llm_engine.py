@@ -97,9 +97,17 @@ class LLMEngine:
         return ids
 
     # ------------------------------------------------------------ requests
-    def preprocess_prompt(self, prompt: PromptType,
-                          request_id: str) -> TokensPrompt:
-        """Tokenize and validate one prompt; ValueError names what is wrong."""
+    def preprocess_prompt(
+            self,
+            prompt: PromptType,
+            request_id: str,
+            truncate_prompt_tokens: int | None = None) -> TokensPrompt:
+        """Tokenize and validate one prompt; ValueError names what is wrong.
+
+        ``truncate_prompt_tokens`` (SamplingParams') keeps the last k tokens
+        (left truncation, as vLLM: a BOS at the start is cut too); -1 means
+        k = max_model_len. The length check applies after truncation.
+        """
         if isinstance(prompt, str):
             prompt = TextPrompt(prompt=prompt)
         if not isinstance(prompt, dict) or not ("prompt" in prompt or
@@ -119,6 +127,9 @@ class LLMEngine:
             raise ValueError(f"The prompt of request {request_id} ({shown}) "
                              "is empty.")
         max_len = self.model_config.max_model_len
+        if truncate_prompt_tokens is not None:
+            keep = self._truncation_size(truncate_prompt_tokens)
+            token_ids = token_ids[-keep:]
         if len(token_ids) > max_len:
             raise ValueError(
                 f"The prompt of request {request_id} ({shown}) is "
@@ -134,6 +145,18 @@ class LLMEngine:
         if text is not None:
             out["prompt"] = text
         return out
+
+    def _truncation_size(self, truncate_prompt_tokens: int) -> int:
+        """How many prompt tokens truncate_prompt_tokens keeps."""
+        max_len = self.model_config.max_model_len
+        if truncate_prompt_tokens == -1:
+            return max_len
+        if not (isinstance(truncate_prompt_tokens, int)
+                and 1 <= truncate_prompt_tokens <= max_len):
+            raise ValueError(
+                f"truncate_prompt_tokens ({truncate_prompt_tokens}) must be "
+                f"-1 or in [1, max_model_len={max_len}].")
+        return truncate_prompt_tokens
 
     def _validate_params(self, params: SamplingParams) -> None:
         """Engine-time checks of vLLM, plus features not built yet."""
@@ -161,7 +184,6 @@ class LLMEngine:
                              "(skip_tokenizer_init=True was given).")
         not_yet = {
             "prompt_logprobs": params.prompt_logprobs is not None,
-            "truncate_prompt_tokens": params.truncate_prompt_tokens is not None,
         }
         for name, used in not_yet.items():
             if used:
@@ -186,7 +208,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"Request {request_id}: expected SamplingParams, "
                              f"got {type(params).__name__}.")
-        tokens_prompt = self.preprocess_prompt(prompt, request_id)
+        tokens_prompt = self.preprocess_prompt(prompt, request_id,
+                                               params.truncate_prompt_tokens)
         self._validate_params(params)
         params = params.clone()
         if params.bad_words and self.tokenizer is not None:

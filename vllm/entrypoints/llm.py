@@ -174,8 +174,9 @@ class LLM:
         engine = self.llm_engine
         request_ids = [str(next(self._request_counter)) for _ in prompts]
         processed: list[TokensPrompt] = [
-            engine.preprocess_prompt(p, rid)
-            for p, rid in zip(prompts, request_ids)
+            engine.preprocess_prompt(
+                p, rid, getattr(params, "truncate_prompt_tokens", None))
+            for p, rid, params in zip(prompts, request_ids, params_list)
         ]
         final_params = []
         for params in params_list:
