@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm.outputs import Logprob, RequestMetrics, SampleLogprobs
+from vllm.outputs import (Logprob, PromptLogprobs, RequestMetrics,
+                          SampleLogprobs)
 from vllm.sampling_params import SamplingParams
 from vllm.transformers_utils.detokenizer import IncrementalDetokenizer
 
@@ -129,6 +130,10 @@ class SequenceGroup:
         self.num_cached_tokens: int | None = None
         # Scheduler step at which the request arrived (priority aging).
         self.arrival_step = 0
+        # One entry per prompt token once computed (the first is None), when
+        # the request asks for prompt logprobs.
+        self.prompt_logprobs: PromptLogprobs | None = (
+            [None] if sampling_params.prompt_logprobs is not None else None)
 
     @property
     def arrival_time(self) -> float:
@@ -137,6 +142,23 @@ class SequenceGroup:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.seqs[0].prompt_token_ids
+
+    @property
+    def prompt_logprobs_complete(self) -> bool:
+        return self.prompt_logprobs is None or len(self.prompt_logprobs) == len(
+            self.prompt_token_ids)
+
+    def max_cached_prefix(self) -> int:
+        """How many leading tokens of the first sequence a prefix-cache hit
+        may cover: all but the last, whose logits give the next token, and
+        none whose prompt logprob is still to be computed (a cached token
+        skips its logits)."""
+        seq = self.get_unfinished_seqs()[0]
+        limit = seq.num_tokens - 1
+        if not self.prompt_logprobs_complete:
+            assert self.prompt_logprobs is not None
+            limit = min(limit, len(self.prompt_logprobs) - 1)
+        return limit
 
     def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
         if status is None:
@@ -167,3 +189,6 @@ class ScheduledSequence:
     generator: torch.Generator | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    # Compute prompt logprobs for prompt tokens from this index on (those
+    # whose preceding position is in this step's chunk); None: none.
+    prompt_logprobs_from: int | None = None

@@ -165,12 +165,13 @@ class BlockManager:
             return parent, tuple(seq.prompt_token_ids[start:start + bs])
         return parent, tuple(seq.token_ids[start:start + bs])
 
-    def _prefix_hits(self, seq: Sequence) -> list[int]:
-        """Cached blocks that hold the start of a sequence not yet computed."""
+    def _prefix_hits(self, seq_group: SequenceGroup) -> list[int]:
+        """Cached blocks that hold the start of a waiting request's (first)
+        sequence, up to the group's ``max_cached_prefix``."""
+        seq = seq_group.get_unfinished_seqs()[0]
         if not self.enable_caching or seq.num_computed_tokens or seq.block_table:
             return []
-        # The last token is always computed: its logits give the next token.
-        num_full = (seq.num_tokens - 1) // self.block_size
+        num_full = max(0, seq_group.max_cached_prefix()) // self.block_size
         hits = []
         for i, block_hash in enumerate(self._hashes(seq, num_full)):
             block = self.allocator.lookup(block_hash, self._key(seq, i))
@@ -182,8 +183,7 @@ class BlockManager:
     def get_num_cached_tokens(self, seq_group: SequenceGroup) -> int:
         """Tokens at the start of a waiting request that the cache already
         holds (all its sequences share the prompt)."""
-        seq = seq_group.get_unfinished_seqs()[0]
-        return len(self._prefix_hits(seq)) * self.block_size
+        return len(self._prefix_hits(seq_group)) * self.block_size
 
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Register the sequence's newly computed full blocks for reuse."""
@@ -217,7 +217,7 @@ class BlockManager:
         """Free blocks that admitting ``num_new_tokens`` after the cached
         prefix takes (an idle cached block leaves the free list too)."""
         seqs = seq_group.get_unfinished_seqs()
-        hits = self._prefix_hits(seqs[0])
+        hits = self._prefix_hits(seq_group)
         cached = len(hits) * self.block_size
         new = cdiv(cached + num_new_tokens, self.block_size) - len(hits)
         idle_hits = sum(1 for b in hits if self.allocator.ref_count(b) == 0)
@@ -240,7 +240,7 @@ class BlockManager:
         """Give a waiting request its cached prefix and blocks for
         ``num_new_tokens`` more tokens; returns the cached token count."""
         seqs = seq_group.get_unfinished_seqs()
-        hits = self._prefix_hits(seqs[0])
+        hits = self._prefix_hits(seq_group)
         cached = len(hits) * self.block_size
         if self.enable_caching and seqs[0].num_computed_tokens == 0:
             self.num_queried_tokens += seqs[0].num_tokens

@@ -21,7 +21,8 @@ from vllm.engine.stop_checker import StopChecker
 from vllm.executor.uniproc_executor import UniProcExecutor
 from vllm.logger import init_logger
 from vllm.model_executor.layers.sampler import LogprobsTensors
-from vllm.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm.outputs import (CompletionOutput, Logprob, PromptLogprobs,
+                          RequestOutput)
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.sequence import ScheduledSequence, Sequence, SequenceGroup
 from vllm.transformers_utils.config import get_generation_config
@@ -73,6 +74,8 @@ class LLMEngine:
         self._seq_counter = itertools.count()
         # DELTA outputs: (tokens, characters) already returned per sequence.
         self._returned: dict[int, tuple[int, int]] = {}
+        # DELTA outputs: prompt logprobs already returned per request.
+        self._returned_prompt_logprobs: dict[str, int] = {}
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
@@ -159,13 +162,15 @@ class LLMEngine:
         return truncate_prompt_tokens
 
     def _validate_params(self, params: SamplingParams) -> None:
-        """Engine-time checks of vLLM, plus features not built yet."""
+        """Engine-time checks of vLLM."""
         max_logprobs = self.model_config.max_logprobs
-        if params.logprobs is not None and max_logprobs != -1 and (
-                params.logprobs == -1 or params.logprobs > max_logprobs):
-            raise ValueError(
-                f"Requested sample logprobs of {params.logprobs}, which is "
-                f"greater than max allowed: {max_logprobs}.")
+        for kind, value in (("sample", params.logprobs),
+                            ("prompt", params.prompt_logprobs)):
+            if value is not None and max_logprobs != -1 and (
+                    value == -1 or value > max_logprobs):
+                raise ValueError(
+                    f"Requested {kind} logprobs of {value}, which is "
+                    f"greater than max allowed: {max_logprobs}.")
         vocab = self.model_config.vocab_size
         bad = [t for t in params.stop_token_ids or () if not 0 <= t < vocab]
         if bad:
@@ -182,14 +187,6 @@ class LLMEngine:
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise ValueError("Stop strings and bad_words need a tokenizer "
                              "(skip_tokenizer_init=True was given).")
-        not_yet = {
-            "prompt_logprobs": params.prompt_logprobs is not None,
-        }
-        for name, used in not_yet.items():
-            if used:
-                raise ValueError(
-                    f"SamplingParams.{name} is not supported by this engine "
-                    "yet; leave it at its default.")
 
     def add_request(self,
                     request_id: str,
@@ -313,6 +310,12 @@ class LLMEngine:
                                sg: ScheduledSequenceGroup) -> ScheduledSequence:
         chunk = sg.token_chunk_size
         group = sg.seq_group
+        # One sequence of the group computes the prompt logprobs still missing.
+        prompt_logprobs_from = None
+        if (group.prompt_logprobs is not None
+                and not group.prompt_logprobs_complete
+                and seq is group.get_unfinished_seqs()[0]):
+            prompt_logprobs_from = len(group.prompt_logprobs)
         return ScheduledSequence(seq_id=seq.seq_id,
                                  token_ids=seq.uncomputed_token_ids(chunk),
                                  num_computed_tokens=seq.num_computed_tokens,
@@ -322,7 +325,8 @@ class LLMEngine:
                                  sampling_params=group.sampling_params,
                                  generator=group.generator,
                                  prompt_token_ids=seq.prompt_token_ids,
-                                 output_token_ids=seq.output_token_ids)
+                                 output_token_ids=seq.output_token_ids,
+                                 prompt_logprobs_from=prompt_logprobs_from)
 
     def _process_outputs(self, scheduled: list[ScheduledSequenceGroup],
                          result: ModelRunnerOutput) -> None:
@@ -336,6 +340,9 @@ class LLMEngine:
                 group.metrics.first_scheduled_time = now
             for seq in group.get_unfinished_seqs():
                 seq.num_computed_tokens += sg.token_chunk_size
+                if seq.seq_id in result.prompt_logprobs:
+                    self._record_prompt_logprobs(
+                        group, *result.prompt_logprobs[seq.seq_id])
                 row = row_of.get(seq.seq_id)
                 if row is None:
                     continue  # a prompt chunk that is not the last one
@@ -358,6 +365,18 @@ class LLMEngine:
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
             group.metrics.last_token_time = now
+
+    def _record_prompt_logprobs(self, group: SequenceGroup, first_token: int,
+                                tensors: LogprobsTensors) -> None:
+        """Append the entries of prompt tokens ``first_token, ...``; entries
+        already recorded (a recompute after preemption) are skipped."""
+        recorded = group.prompt_logprobs
+        num_logprobs = group.sampling_params.prompt_logprobs
+        assert recorded is not None and num_logprobs is not None
+        assert first_token <= len(recorded), "prompt logprobs skipped a token"
+        for row in range(
+                len(recorded) - first_token, tensors.logprobs.shape[0]):
+            recorded.append(self._logprobs_of_row(tensors, row, num_logprobs))
 
     def _logprobs_of_row(self, tensors: LogprobsTensors, row: int,
                          num_logprobs: int) -> dict[int, Logprob]:
@@ -400,16 +419,29 @@ class LLMEngine:
             self._completion(i, seq, params, kind)
             for i, seq in enumerate(seq_group.seqs)
         ]
+        prompt_logprobs = self._prompt_logprobs_output(seq_group, kind)
         if finished:
             self._forget(seq_group)
         return RequestOutput(request_id=seq_group.request_id,
                              prompt=seq_group.prompt,
                              prompt_token_ids=seq_group.prompt_token_ids,
-                             prompt_logprobs=None,
+                             prompt_logprobs=prompt_logprobs,
                              outputs=completions,
                              finished=finished,
                              metrics=seq_group.metrics,
                              num_cached_tokens=seq_group.num_cached_tokens or 0)
+
+    def _prompt_logprobs_output(
+            self, seq_group: SequenceGroup,
+            kind: RequestOutputKind) -> PromptLogprobs | None:
+        """The prompt logprobs so far; DELTA: those not returned before
+        (None when there are none)."""
+        recorded = seq_group.prompt_logprobs
+        if recorded is None or kind != RequestOutputKind.DELTA:
+            return None if recorded is None else list(recorded)
+        start = self._returned_prompt_logprobs.get(seq_group.request_id, 0)
+        self._returned_prompt_logprobs[seq_group.request_id] = len(recorded)
+        return recorded[start:] or None
 
     def _completion(self, index: int, seq: Sequence, params: SamplingParams,
                     kind: RequestOutputKind) -> CompletionOutput:
@@ -437,6 +469,7 @@ class LLMEngine:
 
     def _forget(self, seq_group: SequenceGroup) -> None:
         self.seq_groups.pop(seq_group.request_id, None)
+        self._returned_prompt_logprobs.pop(seq_group.request_id, None)
         for seq in seq_group.seqs:
             self._returned.pop(seq.seq_id, None)
 
