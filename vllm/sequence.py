@@ -130,6 +130,12 @@ class SequenceGroup:
         self.num_cached_tokens: int | None = None
         # Scheduler step at which the request arrived (priority aging).
         self.arrival_step = 0
+        # Parallel sampling (n > 1): the first sequence alone computes the
+        # prompt but its last token; then the others fork its blocks
+        # (Scheduler._fork) and each sequence computes that last token and
+        # samples its own first token from it.
+        self.fork_pending = (len(seqs) > 1 and seqs[0].num_prompt_tokens > 1
+                             and not seqs[0].output_token_ids)
         # One entry per prompt token once computed (the first is None), when
         # the request asks for prompt logprobs.
         self.prompt_logprobs: PromptLogprobs | None = (
@@ -149,12 +155,22 @@ class SequenceGroup:
             self.prompt_token_ids)
 
     def max_cached_prefix(self) -> int:
-        """How many leading tokens of the first sequence a prefix-cache hit
-        may cover: all but the last, whose logits give the next token, and
-        none whose prompt logprob is still to be computed (a cached token
-        skips its logits)."""
-        seq = self.get_unfinished_seqs()[0]
-        limit = seq.num_tokens - 1
+        """How many leading tokens of its sequences a waiting request may take
+        from the prefix cache (one hit serves them all): only tokens they all
+        share; all but the last, whose logits give the next token (all but
+        the last two while the group waits to fork: the first sequence
+        computes at least one token before); and none whose prompt logprob
+        is still to be computed (a cached token skips its logits)."""
+        seqs = self.get_unfinished_seqs()
+        seq = seqs[0]
+        limit = seq.num_tokens - 1 - int(self.fork_pending)
+        num_prompt = seq.num_prompt_tokens
+        for other in seqs[1:]:  # forked samples share at least the prompt
+            shared = min(num_prompt, limit)
+            while (shared < limit and seq.output_token_ids[shared - num_prompt]
+                   == other.output_token_ids[shared - num_prompt]):
+                shared += 1
+            limit = shared
         if not self.prompt_logprobs_complete:
             assert self.prompt_logprobs is not None
             limit = min(limit, len(self.prompt_logprobs) - 1)
@@ -166,7 +182,27 @@ class SequenceGroup:
         return [seq for seq in self.seqs if seq.status == status]
 
     def get_unfinished_seqs(self) -> list[Sequence]:
-        return [seq for seq in self.seqs if not seq.is_finished]
+        """The sequences still generating, which are scheduled together.
+
+        While the group waits to fork, that is the first one only: the
+        others hold no blocks and are not scheduled yet.
+        """
+        seqs = self.seqs[:1] if self.fork_pending else self.seqs
+        return [seq for seq in seqs if not seq.is_finished]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens the group's sequences compute before they next sample (or,
+        waiting to fork, before the fork: the last prompt token is left)."""
+        seq = self.get_unfinished_seqs()[0]
+        return seq.num_uncomputed_tokens - int(self.fork_pending)
+
+    def finish_all(self, status: SequenceStatus) -> list[Sequence]:
+        """Finish every unfinished sequence (forked or not); returns them."""
+        unfinished = [seq for seq in self.seqs if not seq.is_finished]
+        for seq in unfinished:
+            seq.status = status
+        return unfinished
 
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)

@@ -6,7 +6,9 @@ then unfinished prefill chunks); then swapped-out requests come back; waiting
 requests fill what is left. A prompt longer than the remaining budget is split into
 chunks when chunked prefill is on. When the KV cache runs out, a running request is
 preempted: its blocks are freed and it is recomputed later, or (``preemption_mode=
-"swap"``) its blocks are copied to CPU memory and copied back later.
+"swap"``) its blocks are copied to CPU memory and copied back later. The ``n``
+samples of a request share its prompt: the first sequence computes all of it but
+the last token, then the others fork its blocks (copy-on-write).
 
 ``Scheduler`` serves requests first come, first served; ``PriorityScheduler``
 serves lower ``priority`` values first and lets urgent requests preempt others.
@@ -68,14 +70,16 @@ class SchedulerOutputs:
     num_batched_tokens: int
     ignored_seq_groups: list[SequenceGroup]
     num_preempted: int
-    # KV-cache copies the worker makes before the forward pass
+    # KV-cache copies the worker makes before the forward pass, in order
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # copy-on-write (source, destination) device blocks
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return not (self.scheduled_seq_groups or self.blocks_to_swap_out
-                    or self.blocks_to_swap_in)
+                    or self.blocks_to_swap_in or self.blocks_to_copy)
 
 
 class Scheduler:
@@ -114,8 +118,8 @@ class Scheduler:
         for queue in (self.waiting, self.running, self.swapped):
             for seq_group in [g for g in queue if g.request_id in request_ids]:
                 queue.remove(seq_group)
-                for seq in seq_group.get_unfinished_seqs():
-                    seq.status = SequenceStatus.FINISHED_ABORTED
+                for seq in seq_group.finish_all(
+                        SequenceStatus.FINISHED_ABORTED):
                     self.block_manager.free(seq)
                 aborted.append(seq_group)
         return aborted
@@ -135,6 +139,10 @@ class Scheduler:
         for seq_group in self.running:
             for seq in seq_group.get_unfinished_seqs():
                 self.block_manager.register_computed_blocks(seq)
+            # NOTE: running groups only: a group reaches the fork point in a
+            # step, and is forked here before it can be preempted or swapped.
+            if seq_group.fork_pending and seq_group.num_uncomputed_tokens == 0:
+                self._fork(seq_group)
         self._order_waiting()
         self._preempt_for_waiting()
         budget = SchedulingBudget(self.config.max_num_batched_tokens,
@@ -151,17 +159,23 @@ class Scheduler:
                 scheduled += prefills.seq_groups
                 ignored = prefills.ignored_seq_groups
         swap_out, self._pending_swap_out = self._pending_swap_out, []
-        return SchedulerOutputs(scheduled_seq_groups=scheduled,
-                                num_batched_tokens=budget.num_batched_tokens,
-                                ignored_seq_groups=ignored,
-                                num_preempted=num_preempted,
-                                blocks_to_swap_out=swap_out,
-                                blocks_to_swap_in=swap_in)
+        return SchedulerOutputs(
+            scheduled_seq_groups=scheduled,
+            num_batched_tokens=budget.num_batched_tokens,
+            ignored_seq_groups=ignored,
+            num_preempted=num_preempted,
+            blocks_to_swap_out=swap_out,
+            blocks_to_swap_in=swap_in,
+            blocks_to_copy=self.block_manager.take_blocks_to_copy())
 
-    @staticmethod
-    def _num_uncomputed_tokens(seq_group: SequenceGroup) -> int:
-        # All unfinished sequences of a group advance together.
-        return seq_group.get_unfinished_seqs()[0].num_uncomputed_tokens
+    def _fork(self, seq_group: SequenceGroup) -> None:
+        """The other sequences of a parallel-sampling group take the first
+        one's blocks: its prompt is computed but for the last token."""
+        parent = seq_group.seqs[0]
+        for child in seq_group.seqs[1:]:
+            self.block_manager.fork(parent, child)
+            child.status = parent.status
+        seq_group.fork_pending = False
 
     # ------------------------------------------------------ policy hooks
     def _order_waiting(self) -> None:
@@ -182,8 +196,7 @@ class Scheduler:
             self, budget: SchedulingBudget
     ) -> tuple[list[ScheduledSequenceGroup], int]:
         # decodes first, then the next chunks of partly computed prompts
-        order = sorted(self.running,
-                       key=lambda g: self._num_uncomputed_tokens(g) > 1)
+        order = sorted(self.running, key=lambda g: g.num_uncomputed_tokens > 1)
         scheduled: list[ScheduledSequenceGroup] = []
         scheduled_ids: set[int] = set()
         preempted_ids: set[int] = set()
@@ -191,7 +204,7 @@ class Scheduler:
             if id(seq_group) in preempted_ids:
                 continue
             num_seqs = len(seq_group.get_unfinished_seqs())
-            num_new_tokens = min(self._num_uncomputed_tokens(seq_group),
+            num_new_tokens = min(seq_group.num_uncomputed_tokens,
                                  budget.remaining_token_budget())
             if not budget.can_schedule(num_new_tokens=num_new_tokens,
                                        num_new_seqs=num_seqs):
@@ -249,7 +262,7 @@ class Scheduler:
         while self.swapped:
             seq_group = self.swapped[0]
             num_seqs = len(seq_group.get_unfinished_seqs())
-            num_new_tokens = min(self._num_uncomputed_tokens(seq_group),
+            num_new_tokens = min(seq_group.num_uncomputed_tokens,
                                  budget.remaining_token_budget())
             if not (budget.can_schedule(num_new_tokens=num_new_tokens,
                                         num_new_seqs=num_seqs)
@@ -283,7 +296,7 @@ class Scheduler:
             seq_group = self.waiting[0]
             num_seqs = len(seq_group.get_unfinished_seqs())
             num_cached = self.block_manager.get_num_cached_tokens(seq_group)
-            num_new_tokens = self._num_uncomputed_tokens(seq_group) - num_cached
+            num_new_tokens = seq_group.num_uncomputed_tokens - num_cached
             if (not self.config.enable_chunked_prefill
                     and num_new_tokens > budget.remaining_token_budget()):
                 break
@@ -300,8 +313,7 @@ class Scheduler:
                 logger.warning(
                     "Request %s needs more KV-cache blocks than the whole "
                     "cache has; it is finished unserved.", seq_group.request_id)
-                for seq in seq_group.get_unfinished_seqs():
-                    seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+                seq_group.finish_all(SequenceStatus.FINISHED_LENGTH_CAPPED)
                 out.ignored_seq_groups.append(seq_group)
                 continue
             cached = self.block_manager.allocate(seq_group, num_new_tokens)
@@ -355,9 +367,8 @@ class PriorityScheduler(Scheduler):
             return
         head = self.waiting[0]
         num_cached = self.block_manager.get_num_cached_tokens(head)
-        num_new = min(
-            self._num_uncomputed_tokens(head) - num_cached,
-            self.config.max_num_batched_tokens)
+        num_new = min(head.num_uncomputed_tokens - num_cached,
+                      self.config.max_num_batched_tokens)
         while self.running:
             full = len(self.running) >= self.config.max_num_seqs
             status = self.block_manager.can_allocate(head, num_new)

@@ -270,7 +270,8 @@ class LLMEngine:
         ]
         result = self.executor.execute_model(scheduled,
                                              sched.blocks_to_swap_out,
-                                             sched.blocks_to_swap_in)
+                                             sched.blocks_to_swap_in,
+                                             sched.blocks_to_copy)
         self._process_outputs(sched.scheduled_seq_groups, result)
         self.scheduler.free_finished_seq_groups()
         if self.stat_logger is not None:
