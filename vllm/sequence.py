@@ -130,12 +130,16 @@ class SequenceGroup:
         self.num_cached_tokens: int | None = None
         # Scheduler step at which the request arrived (priority aging).
         self.arrival_step = 0
-        # Parallel sampling (n > 1): the first sequence alone computes the
-        # prompt but its last token; then the others fork its blocks
-        # (Scheduler._fork) and each sequence computes that last token and
-        # samples its own first token from it.
-        self.fork_pending = (len(seqs) > 1 and seqs[0].num_prompt_tokens > 1
-                             and not seqs[0].output_token_ids)
+        # Sequences share what they have in common by forking: the first
+        # unfinished one (the leader) alone computes the first ``fork_at``
+        # tokens, then the others fork its blocks (Scheduler._fork) and each
+        # computes the rest of its own tokens. Parallel samples fork one token
+        # short of the prompt's end (each samples from its own last prompt
+        # token); a group recomputed after preemption at the end of what its
+        # sequences share (share_prefix_on_recompute). None: no fork ahead.
+        self.fork_at: int | None = None
+        if len(seqs) > 1 and seqs[0].num_prompt_tokens > 1:
+            self.fork_at = seqs[0].num_prompt_tokens - 1
         # One entry per prompt token once computed (the first is None), when
         # the request asks for prompt logprobs.
         self.prompt_logprobs: PromptLogprobs | None = (
@@ -154,23 +158,20 @@ class SequenceGroup:
         return self.prompt_logprobs is None or len(self.prompt_logprobs) == len(
             self.prompt_token_ids)
 
+    @property
+    def fork_pending(self) -> bool:
+        return self.fork_at is not None
+
     def max_cached_prefix(self) -> int:
-        """How many leading tokens of its sequences a waiting request may take
-        from the prefix cache (one hit serves them all): only tokens they all
-        share; all but the last, whose logits give the next token (all but
-        the last two while the group waits to fork: the first sequence
-        computes at least one token before); and none whose prompt logprob
-        is still to be computed (a cached token skips its logits)."""
-        seqs = self.get_unfinished_seqs()
-        seq = seqs[0]
-        limit = seq.num_tokens - 1 - int(self.fork_pending)
-        num_prompt = seq.num_prompt_tokens
-        for other in seqs[1:]:  # forked samples share at least the prompt
-            shared = min(num_prompt, limit)
-            while (shared < limit and seq.output_token_ids[shared - num_prompt]
-                   == other.output_token_ids[shared - num_prompt]):
-                shared += 1
-            limit = shared
+        """How many leading tokens a waiting request may take from the prefix
+        cache: all but the last, whose logits give the next token; before a
+        fork, fewer than ``fork_at`` (the leader computes at least one token
+        first); and none whose prompt logprob is still to be computed (a
+        cached token skips its logits)."""
+        seq = self.get_unfinished_seqs()[0]
+        limit = seq.num_tokens - 1
+        if self.fork_at is not None:
+            limit = min(limit, self.fork_at - 1)
         if not self.prompt_logprobs_complete:
             assert self.prompt_logprobs is not None
             limit = min(limit, len(self.prompt_logprobs) - 1)
@@ -184,18 +185,45 @@ class SequenceGroup:
     def get_unfinished_seqs(self) -> list[Sequence]:
         """The sequences still generating, which are scheduled together.
 
-        While the group waits to fork, that is the first one only: the
-        others hold no blocks and are not scheduled yet.
+        Before a fork, that is the leader only: the others hold no blocks
+        and are not scheduled yet.
         """
-        seqs = self.seqs[:1] if self.fork_pending else self.seqs
-        return [seq for seq in seqs if not seq.is_finished]
+        unfinished = [seq for seq in self.seqs if not seq.is_finished]
+        return unfinished[:1] if self.fork_pending else unfinished
+
+    def get_followers(self) -> list[Sequence]:
+        """Before a fork: the sequences that will take the leader's blocks."""
+        assert self.fork_pending
+        return [seq for seq in self.seqs if not seq.is_finished][1:]
 
     @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens the group's sequences compute before they next sample (or,
-        waiting to fork, before the fork: the last prompt token is left)."""
+        before a fork, that the leader computes before it)."""
         seq = self.get_unfinished_seqs()[0]
-        return seq.num_uncomputed_tokens - int(self.fork_pending)
+        if self.fork_at is not None:
+            return self.fork_at - seq.num_computed_tokens
+        return seq.num_uncomputed_tokens
+
+    def share_prefix_on_recompute(self) -> None:
+        """After a preemption that dropped the cache: compute the tokens
+        that all unfinished sequences share once, then fork (the tokens of
+        equal-length sequences differ somewhere, so each keeps at least its
+        last one)."""
+        unfinished = [seq for seq in self.seqs if not seq.is_finished]
+        if len(unfinished) < 2:
+            return
+        first = unfinished[0]
+        num_prompt = first.num_prompt_tokens
+        shared = first.num_tokens - 1
+        for other in unfinished[1:]:
+            same = num_prompt  # forked sequences share the prompt
+            while (same < shared and first.output_token_ids[same - num_prompt]
+                   == other.output_token_ids[same - num_prompt]):
+                same += 1
+            shared = min(shared, same)
+        if shared >= 1:
+            self.fork_at = shared
 
     def finish_all(self, status: SequenceStatus) -> list[Sequence]:
         """Finish every unfinished sequence (forked or not); returns them."""

@@ -233,7 +233,8 @@ def test_random_workloads_keep_invariants(ops, num_blocks, max_tokens, chunked,
     for i, (op, a, b, n) in enumerate(ops):
         if op == "add":
             prompt = min(a, max_model_len - b)
-            if n * cdiv(prompt + b, 4) <= num_blocks:
+            # a group of n may outgrow the cache: it is finished early
+            if cdiv(prompt + b, 4) <= num_blocks:
                 eng.add(f"r{i}", max(prompt, 1), b, priority=a % 3, n=n)
         elif op == "step":
             eng.step()
@@ -401,7 +402,7 @@ def test_swap_keeps_forked_blocks_shared() -> None:
     group = SequenceGroup("a", seqs, SamplingParams(n=3))
     bm.allocate(group, 9)
     seqs[0].num_computed_tokens = 9
-    group.fork_pending = False
+    group.fork_at = None
     for child in seqs[1:]:
         bm.fork(seqs[0], child)
     for seq in seqs:
@@ -421,9 +422,10 @@ def test_swap_keeps_forked_blocks_shared() -> None:
     assert [bm.allocator.ref_count(b) for b in shared] == [3, 3]
 
 
-def test_recomputed_samples_take_only_their_common_prefix_from_cache() -> None:
-    """After a recompute, one prefix-cache hit serves all the samples of a
-    request: it must stop where their outputs diverge."""
+def test_recomputed_samples_share_their_common_prefix_again() -> None:
+    """After a recompute, the leader computes what the samples share (the
+    prompt here: their outputs differ), then they fork again; one prefix
+    cache hit serves them all, so it must stop before that point."""
     eng = FakeEngine(num_blocks=32, caching=True)
     eng.add("a", prompt_len=5, max_out=12, n=2)
     group = eng.groups["a"]
@@ -431,8 +433,25 @@ def test_recomputed_samples_take_only_their_common_prefix_from_cache() -> None:
         eng.step()
     eng.scheduler._preempt(group)
     assert group.seqs[0].status == SequenceStatus.WAITING
-    # the shared prompt's full block only (the outputs differ)
+    assert group.fork_at == 5
     assert eng.bm.get_num_cached_tokens(group) == 4
     while eng.scheduler.has_unfinished_seqs():
         eng.step()  # check_invariants compares every cached token
-    assert group.num_cached_tokens == 0  # first admission: nothing cached
+    assert all(len(seq.output_token_ids) == 12 for seq in group.seqs)
+
+
+def test_group_that_outgrows_the_cache_is_finished_early() -> None:
+    """Three samples that together need 12 blocks of a cache of 8: once
+    alone and still out of blocks, the group finishes instead of preempting
+    itself forever."""
+    eng = FakeEngine(num_blocks=8, max_tokens=16)
+    eng.add("big", prompt_len=4, max_out=12, n=3)
+    for _ in range(100):
+        if not eng.scheduler.has_unfinished_seqs():
+            break
+        eng.step()
+    group = eng.groups["big"]
+    assert group.is_finished()
+    assert all(seq.status == SequenceStatus.FINISHED_LENGTH_CAPPED
+               and len(seq.output_token_ids) < 12 for seq in group.seqs)
+    assert eng.bm.get_num_free_gpu_blocks() == 8

@@ -230,13 +230,21 @@ class BlockManager:
         idle_hits = sum(1 for b in hits if self.allocator.ref_count(b) == 0)
         return idle_hits + len(seqs) * new
 
+    def _blocks_to_hold(self, seq_group: SequenceGroup) -> int:
+        """Blocks that all of a waiting group's tokens take, counting the
+        blocks its sequences will share after a fork once."""
+        seqs = [seq for seq in seq_group.seqs if not seq.is_finished]
+        num_tokens = seqs[
+            0].num_tokens  # the group's sequences advance together
+        shared = (seq_group.fork_at or 0) // self.block_size
+        return shared + len(seqs) * (cdiv(num_tokens, self.block_size) - shared)
+
     def can_allocate(self, seq_group: SequenceGroup,
                      num_new_tokens: int) -> AllocStatus:
         """Whether a waiting request's next ``num_new_tokens`` (after its
         cached prefix) fit."""
-        seqs = seq_group.get_unfinished_seqs()
-        full_need = len(seqs) * cdiv(seqs[0].num_tokens, self.block_size)
-        if full_need > self.num_total_gpu_blocks - self.watermark_blocks:
+        if self._blocks_to_hold(seq_group) > (self.num_total_gpu_blocks -
+                                              self.watermark_blocks):
             return AllocStatus.NEVER
         need = self._blocks_to_admit(seq_group, num_new_tokens)
         if self.allocator.num_free_blocks - need < self.watermark_blocks:
@@ -468,6 +476,15 @@ class SmartBlockAllocator(BlockManager):
             max(0,
                 cdiv(total, self.block_size) - len(seq.block_table))
             for seq, total in self._predictions.values() if seq.block_table)
+
+    def _blocks_to_hold(self, seq_group: SequenceGroup) -> int:
+        """Blocks that all of a waiting group's tokens take, counting the
+        blocks its sequences will share after a fork once."""
+        seqs = [seq for seq in seq_group.seqs if not seq.is_finished]
+        num_tokens = seqs[
+            0].num_tokens  # the group's sequences advance together
+        shared = (seq_group.fork_at or 0) // self.block_size
+        return shared + len(seqs) * (cdiv(num_tokens, self.block_size) - shared)
 
     def can_allocate(self, seq_group: SequenceGroup,
                      num_new_tokens: int) -> AllocStatus:

@@ -147,8 +147,7 @@ class Scheduler:
         self._preempt_for_waiting()
         budget = SchedulingBudget(self.config.max_num_batched_tokens,
                                   self.config.max_num_seqs)
-        scheduled, num_preempted = self._schedule_running(budget)
-        ignored: list[SequenceGroup] = []
+        scheduled, num_preempted, ignored = self._schedule_running(budget)
         swap_in: list[tuple[int, int]] = []
         # Admit work only when nothing had to be evicted for running work,
         # and swapped-out requests before new ones.
@@ -157,7 +156,7 @@ class Scheduler:
             if not self.swapped:
                 prefills = self._schedule_prefills(budget)
                 scheduled += prefills.seq_groups
-                ignored = prefills.ignored_seq_groups
+                ignored += prefills.ignored_seq_groups
         swap_out, self._pending_swap_out = self._pending_swap_out, []
         return SchedulerOutputs(
             scheduled_seq_groups=scheduled,
@@ -169,13 +168,13 @@ class Scheduler:
             blocks_to_copy=self.block_manager.take_blocks_to_copy())
 
     def _fork(self, seq_group: SequenceGroup) -> None:
-        """The other sequences of a parallel-sampling group take the first
-        one's blocks: its prompt is computed but for the last token."""
-        parent = seq_group.seqs[0]
-        for child in seq_group.seqs[1:]:
-            self.block_manager.fork(parent, child)
-            child.status = parent.status
-        seq_group.fork_pending = False
+        """The group's other sequences take the blocks of its leader, which
+        has computed the ``fork_at`` tokens they all share."""
+        leader = seq_group.get_unfinished_seqs()[0]
+        for follower in seq_group.get_followers():
+            self.block_manager.fork(leader, follower)
+            follower.status = leader.status
+        seq_group.fork_at = None
 
     # ------------------------------------------------------ policy hooks
     def _order_waiting(self) -> None:
@@ -193,10 +192,13 @@ class Scheduler:
 
     # --------------------------------------------------------- running
     def _schedule_running(
-            self, budget: SchedulingBudget
-    ) -> tuple[list[ScheduledSequenceGroup], int]:
+        self, budget: SchedulingBudget
+    ) -> tuple[list[ScheduledSequenceGroup], int, list[SequenceGroup]]:
+        """-> (scheduled, number of groups preempted, groups finished because
+        they outgrew the whole cache)."""
         # decodes first, then the next chunks of partly computed prompts
         order = sorted(self.running, key=lambda g: g.num_uncomputed_tokens > 1)
+        oversized: list[SequenceGroup] = []
         scheduled: list[ScheduledSequenceGroup] = []
         scheduled_ids: set[int] = set()
         preempted_ids: set[int] = set()
@@ -211,6 +213,12 @@ class Scheduler:
                 continue
             while not self.block_manager.can_append_slots(
                     seq_group, num_new_tokens):
+                if self.running == [seq_group]:
+                    # Alone and still out of blocks: several sequences that
+                    # together outgrow the cache. Retrying would loop.
+                    self._finish_oversized(seq_group)
+                    oversized.append(seq_group)
+                    break
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim)
                 preempted_ids.add(id(victim))
@@ -224,7 +232,16 @@ class Scheduler:
                 scheduled.append(
                     ScheduledSequenceGroup(seq_group, num_new_tokens))
                 scheduled_ids.add(id(seq_group))
-        return scheduled, len(preempted_ids)
+        return scheduled, len(preempted_ids), oversized
+
+    def _finish_oversized(self, seq_group: SequenceGroup) -> None:
+        logger.warning(
+            "Request %s (%d sequences) needs more KV-cache blocks than the "
+            "whole cache has; it is finished early.", seq_group.request_id,
+            len(seq_group.get_unfinished_seqs()))
+        self.running.remove(seq_group)
+        for seq in seq_group.finish_all(SequenceStatus.FINISHED_LENGTH_CAPPED):
+            self.block_manager.free(seq)
 
     def _preempt(self,
                  seq_group: SequenceGroup,
@@ -243,6 +260,7 @@ class Scheduler:
             for seq in seq_group.get_unfinished_seqs():
                 self.block_manager.free(seq)
                 seq.reset_for_recompute()
+            seq_group.share_prefix_on_recompute()
             self.waiting.appendleft(seq_group)
         self.num_cumulative_preemption += 1
         if self.num_cumulative_preemption % _PREEMPTION_WARNING_INTERVAL == 1:
