@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm.beam_search import BeamSearch
 from vllm.outputs import (Logprob, PromptLogprobs, RequestMetrics,
                           SampleLogprobs)
 from vllm.sampling_params import SamplingParams
@@ -95,6 +96,16 @@ class Sequence:
             self.output_logprobs.append(logprobs)
             self.cumulative_logprob += logprobs[token_id].logprob
 
+    def fork(self, seq_id: int) -> "Sequence":
+        """A beam's copy with its own id, no blocks (the block manager's fork
+        gives it this one's) and no detokenizer (beams are decoded when
+        returned)."""
+        child = Sequence(seq_id, self.prompt_token_ids)
+        child.output_token_ids = list(self.output_token_ids)
+        child.output_logprobs = list(self.output_logprobs)
+        child.cumulative_logprob = self.cumulative_logprob
+        return child
+
     def reset_for_recompute(self) -> None:
         """After preemption: the cache is gone, everything is computed again."""
         self.num_computed_tokens = 0
@@ -144,6 +155,8 @@ class SequenceGroup:
         # the request asks for prompt logprobs.
         self.prompt_logprobs: PromptLogprobs | None = (
             [None] if sampling_params.prompt_logprobs is not None else None)
+        # A beam-search request: its sequences are the live beams.
+        self.beam_search: BeamSearch | None = None
 
     @property
     def arrival_time(self) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from vllm.config import SchedulerConfig
 from vllm.core.block_manager import AllocStatus, BlockManager
 from vllm.logger import init_logger
-from vllm.sequence import SequenceGroup, SequenceStatus
+from vllm.sequence import Sequence, SequenceGroup, SequenceStatus
 
 logger = init_logger(__name__)
 
@@ -175,6 +175,15 @@ class Scheduler:
             self.block_manager.fork(leader, follower)
             follower.status = leader.status
         seq_group.fork_at = None
+
+    def fork_seq(self, parent: Sequence, child: Sequence) -> None:
+        """Beam search: ``child`` continues from ``parent``'s blocks."""
+        self.block_manager.fork(parent, child)
+        child.status = parent.status
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Beam search: a dropped beam lets its blocks go."""
+        self.block_manager.free(seq)
 
     # ------------------------------------------------------ policy hooks
     def _order_waiting(self) -> None:
