@@ -2,6 +2,8 @@
 from dataclasses import dataclass
 
 SampleLogprobs = list[dict[int, "Logprob"]]
+# One entry per prompt token; the first token has none.
+PromptLogprobs = list[dict[int, "Logprob"] | None]
 
 
 @dataclass
@@ -44,7 +46,7 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    prompt_logprobs: PromptLogprobs | None
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None

@@ -481,3 +481,41 @@ def _verify_token_ids(name: str, token_ids: list[int]) -> None:
 
 # Compared against by SamplingParams.__repr__.
 _DEFAULTS = SamplingParams()
+
+
+@dataclass
+class BeamSearchParams:
+    """Parameters of ``LLM.beam_search`` (vLLM's fields and defaults).
+
+    Args:
+        beam_width: Number of beams kept at each step, and of sequences
+            returned.
+        max_tokens: Maximum number of tokens generated per sequence.
+        ignore_eos: Treat the end-of-sequence token as an ordinary token.
+        temperature: Accepted for compatibility; beams are ranked by the
+            model's log-probabilities (raw logprobs, as in vLLM V1), so it
+            does not change the result.
+        length_penalty: A finished sequence scores cum_logprob / L **
+            length_penalty, L its number of generated tokens (EOS included,
+            prompt not): > 0 favours longer sequences, < 0 shorter ones.
+    """
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or \
+                    value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        if not (_is_real(self.temperature) and math.isfinite(self.temperature)
+                and self.temperature >= 0.0):
+            raise ValueError("temperature must be finite and non-negative, "
+                             f"got {self.temperature!r}.")
+        if not (_is_real(self.length_penalty)
+                and math.isfinite(self.length_penalty)):
+            raise ValueError("length_penalty must be a finite number, got "
+                             f"{self.length_penalty!r}.")

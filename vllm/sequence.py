@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm.outputs import Logprob, RequestMetrics, SampleLogprobs
+from vllm.beam_search import BeamSearch
+from vllm.outputs import (Logprob, PromptLogprobs, RequestMetrics,
+                          SampleLogprobs)
 from vllm.sampling_params import SamplingParams
 from vllm.transformers_utils.detokenizer import IncrementalDetokenizer
 
@@ -94,6 +96,16 @@ class Sequence:
             self.output_logprobs.append(logprobs)
             self.cumulative_logprob += logprobs[token_id].logprob
 
+    def fork(self, seq_id: int) -> "Sequence":
+        """A beam's copy with its own id, no blocks (the block manager's fork
+        gives it this one's) and no detokenizer (beams are decoded when
+        returned)."""
+        child = Sequence(seq_id, self.prompt_token_ids)
+        child.output_token_ids = list(self.output_token_ids)
+        child.output_logprobs = list(self.output_logprobs)
+        child.cumulative_logprob = self.cumulative_logprob
+        return child
+
     def reset_for_recompute(self) -> None:
         """After preemption: the cache is gone, everything is computed again."""
         self.num_computed_tokens = 0
@@ -129,6 +141,22 @@ class SequenceGroup:
         self.num_cached_tokens: int | None = None
         # Scheduler step at which the request arrived (priority aging).
         self.arrival_step = 0
+        # Sequences share what they have in common by forking: the first
+        # unfinished one (the leader) alone computes the first ``fork_at``
+        # tokens, then the others fork its blocks (Scheduler._fork) and each
+        # computes the rest of its own tokens. Parallel samples fork one token
+        # short of the prompt's end (each samples from its own last prompt
+        # token); a group recomputed after preemption at the end of what its
+        # sequences share (share_prefix_on_recompute). None: no fork ahead.
+        self.fork_at: int | None = None
+        if len(seqs) > 1 and seqs[0].num_prompt_tokens > 1:
+            self.fork_at = seqs[0].num_prompt_tokens - 1
+        # One entry per prompt token once computed (the first is None), when
+        # the request asks for prompt logprobs.
+        self.prompt_logprobs: PromptLogprobs | None = (
+            [None] if sampling_params.prompt_logprobs is not None else None)
+        # A beam-search request: its sequences are the live beams.
+        self.beam_search: BeamSearch | None = None
 
     @property
     def arrival_time(self) -> float:
@@ -138,13 +166,84 @@ class SequenceGroup:
     def prompt_token_ids(self) -> list[int]:
         return self.seqs[0].prompt_token_ids
 
+    @property
+    def prompt_logprobs_complete(self) -> bool:
+        return self.prompt_logprobs is None or len(self.prompt_logprobs) == len(
+            self.prompt_token_ids)
+
+    @property
+    def fork_pending(self) -> bool:
+        return self.fork_at is not None
+
+    def max_cached_prefix(self) -> int:
+        """How many leading tokens a waiting request may take from the prefix
+        cache: all but the last, whose logits give the next token; before a
+        fork, fewer than ``fork_at`` (the leader computes at least one token
+        first); and none whose prompt logprob is still to be computed (a
+        cached token skips its logits)."""
+        seq = self.get_unfinished_seqs()[0]
+        limit = seq.num_tokens - 1
+        if self.fork_at is not None:
+            limit = min(limit, self.fork_at - 1)
+        if not self.prompt_logprobs_complete:
+            assert self.prompt_logprobs is not None
+            limit = min(limit, len(self.prompt_logprobs) - 1)
+        return limit
+
     def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
         if status is None:
             return self.seqs
         return [seq for seq in self.seqs if seq.status == status]
 
     def get_unfinished_seqs(self) -> list[Sequence]:
-        return [seq for seq in self.seqs if not seq.is_finished]
+        """The sequences still generating, which are scheduled together.
+
+        Before a fork, that is the leader only: the others hold no blocks
+        and are not scheduled yet.
+        """
+        unfinished = [seq for seq in self.seqs if not seq.is_finished]
+        return unfinished[:1] if self.fork_pending else unfinished
+
+    def get_followers(self) -> list[Sequence]:
+        """Before a fork: the sequences that will take the leader's blocks."""
+        assert self.fork_pending
+        return [seq for seq in self.seqs if not seq.is_finished][1:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens the group's sequences compute before they next sample (or,
+        before a fork, that the leader computes before it)."""
+        seq = self.get_unfinished_seqs()[0]
+        if self.fork_at is not None:
+            return self.fork_at - seq.num_computed_tokens
+        return seq.num_uncomputed_tokens
+
+    def share_prefix_on_recompute(self) -> None:
+        """After a preemption that dropped the cache: compute the tokens
+        that all unfinished sequences share once, then fork (the tokens of
+        equal-length sequences differ somewhere, so each keeps at least its
+        last one)."""
+        unfinished = [seq for seq in self.seqs if not seq.is_finished]
+        if len(unfinished) < 2:
+            return
+        first = unfinished[0]
+        num_prompt = first.num_prompt_tokens
+        shared = first.num_tokens - 1
+        for other in unfinished[1:]:
+            same = num_prompt  # forked sequences share the prompt
+            while (same < shared and first.output_token_ids[same - num_prompt]
+                   == other.output_token_ids[same - num_prompt]):
+                same += 1
+            shared = min(shared, same)
+        if shared >= 1:
+            self.fork_at = shared
+
+    def finish_all(self, status: SequenceStatus) -> list[Sequence]:
+        """Finish every unfinished sequence (forked or not); returns them."""
+        unfinished = [seq for seq in self.seqs if not seq.is_finished]
+        for seq in unfinished:
+            seq.status = status
+        return unfinished
 
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
@@ -167,3 +266,6 @@ class ScheduledSequence:
     generator: torch.Generator | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    # Compute prompt logprobs for prompt tokens from this index on (those
+    # whose preceding position is in this step's chunk); None: none.
+    prompt_logprobs_from: int | None = None

@@ -171,11 +171,7 @@ def test_n_samples(llm: LLM) -> None:
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
 
 
-def test_unsupported_sampling_features_are_rejected(llm: LLM) -> None:
-    with pytest.raises(ValueError, match="prompt_logprobs is not supported"):
-        llm.generate("The dog",
-                     SamplingParams(prompt_logprobs=2),
-                     use_tqdm=False)
+def test_bad_sampling_inputs_are_rejected(llm: LLM) -> None:
     with pytest.raises(ValueError, match="logit_bias has token ids outside"):
         llm.generate("The dog",
                      SamplingParams(logit_bias={600: 1.0}),

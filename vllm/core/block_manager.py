@@ -13,9 +13,14 @@ allocator needs them again, least recently used first.
 
 Swapping: a preempted request's blocks can be copied to a pool of CPU blocks and
 copied back later (``swap_out`` / ``swap_in`` return the copies for the worker).
+
+Fork and copy-on-write: ``fork`` lets a sequence share another's blocks (parallel
+samples share their prompt, beams their common history). A sequence about to write
+into a shared block gets a fresh one instead, and the copy is queued for the worker
+(``take_blocks_to_copy``).
 """
 import enum
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 from vllm.core.length_predictor import OutputLengthPredictor
@@ -139,6 +144,8 @@ class BlockManager:
         self._num_registered: dict[int, int] = {}
         # seq_id -> its CPU blocks while swapped out
         self._cpu_tables: dict[int, list[int]] = {}
+        # copy-on-write copies (source, destination) for the next step
+        self._blocks_to_copy: list[tuple[int, int]] = []
         # prefix-cache statistics: prompt tokens looked up / found
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
@@ -165,12 +172,13 @@ class BlockManager:
             return parent, tuple(seq.prompt_token_ids[start:start + bs])
         return parent, tuple(seq.token_ids[start:start + bs])
 
-    def _prefix_hits(self, seq: Sequence) -> list[int]:
-        """Cached blocks that hold the start of a sequence not yet computed."""
+    def _prefix_hits(self, seq_group: SequenceGroup) -> list[int]:
+        """Cached blocks that hold the start of a waiting request's (first)
+        sequence, up to the group's ``max_cached_prefix``."""
+        seq = seq_group.get_unfinished_seqs()[0]
         if not self.enable_caching or seq.num_computed_tokens or seq.block_table:
             return []
-        # The last token is always computed: its logits give the next token.
-        num_full = (seq.num_tokens - 1) // self.block_size
+        num_full = max(0, seq_group.max_cached_prefix()) // self.block_size
         hits = []
         for i, block_hash in enumerate(self._hashes(seq, num_full)):
             block = self.allocator.lookup(block_hash, self._key(seq, i))
@@ -182,8 +190,7 @@ class BlockManager:
     def get_num_cached_tokens(self, seq_group: SequenceGroup) -> int:
         """Tokens at the start of a waiting request that the cache already
         holds (all its sequences share the prompt)."""
-        seq = seq_group.get_unfinished_seqs()[0]
-        return len(self._prefix_hits(seq)) * self.block_size
+        return len(self._prefix_hits(seq_group)) * self.block_size
 
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Register the sequence's newly computed full blocks for reuse."""
@@ -217,19 +224,27 @@ class BlockManager:
         """Free blocks that admitting ``num_new_tokens`` after the cached
         prefix takes (an idle cached block leaves the free list too)."""
         seqs = seq_group.get_unfinished_seqs()
-        hits = self._prefix_hits(seqs[0])
+        hits = self._prefix_hits(seq_group)
         cached = len(hits) * self.block_size
         new = cdiv(cached + num_new_tokens, self.block_size) - len(hits)
         idle_hits = sum(1 for b in hits if self.allocator.ref_count(b) == 0)
         return idle_hits + len(seqs) * new
 
+    def _blocks_to_hold(self, seq_group: SequenceGroup) -> int:
+        """Blocks that all of a waiting group's tokens take, counting the
+        blocks its sequences will share after a fork once."""
+        seqs = [seq for seq in seq_group.seqs if not seq.is_finished]
+        num_tokens = seqs[
+            0].num_tokens  # the group's sequences advance together
+        shared = (seq_group.fork_at or 0) // self.block_size
+        return shared + len(seqs) * (cdiv(num_tokens, self.block_size) - shared)
+
     def can_allocate(self, seq_group: SequenceGroup,
                      num_new_tokens: int) -> AllocStatus:
         """Whether a waiting request's next ``num_new_tokens`` (after its
         cached prefix) fit."""
-        seqs = seq_group.get_unfinished_seqs()
-        full_need = len(seqs) * cdiv(seqs[0].num_tokens, self.block_size)
-        if full_need > self.num_total_gpu_blocks - self.watermark_blocks:
+        if self._blocks_to_hold(seq_group) > (self.num_total_gpu_blocks -
+                                              self.watermark_blocks):
             return AllocStatus.NEVER
         need = self._blocks_to_admit(seq_group, num_new_tokens)
         if self.allocator.num_free_blocks - need < self.watermark_blocks:
@@ -240,7 +255,7 @@ class BlockManager:
         """Give a waiting request its cached prefix and blocks for
         ``num_new_tokens`` more tokens; returns the cached token count."""
         seqs = seq_group.get_unfinished_seqs()
-        hits = self._prefix_hits(seqs[0])
+        hits = self._prefix_hits(seq_group)
         cached = len(hits) * self.block_size
         if self.enable_caching and seqs[0].num_computed_tokens == 0:
             self.num_queried_tokens += seqs[0].num_tokens
@@ -256,16 +271,68 @@ class BlockManager:
 
     def can_append_slots(self, seq_group: SequenceGroup,
                          num_new_tokens: int) -> bool:
-        """Whether every running sequence of the group can take its new tokens."""
-        need = sum(
-            self._num_new_blocks(seq, num_new_tokens)
-            for seq in seq_group.get_unfinished_seqs())
+        """Whether every running sequence of the group can take its new tokens
+        (copies of shared blocks they write into included)."""
+        seqs = seq_group.get_unfinished_seqs()
+        need = sum(self._num_new_blocks(seq, num_new_tokens) for seq in seqs)
+        if num_new_tokens > 0:
+            need += self._num_copies_on_write(seqs)
         return need <= self.allocator.num_free_blocks
 
+    def _write_block(self, seq: Sequence) -> int | None:
+        """The block the sequence's next token goes into, if it has it."""
+        index = seq.num_computed_tokens // self.block_size
+        return seq.block_table[index] if index < len(seq.block_table) else None
+
+    def _num_copies_on_write(self, seqs: list[Sequence]) -> int:
+        """Blocks that appending to ``seqs`` copies: every writer of a shared
+        block gets a copy, except the last one when no one else holds it."""
+        writers = Counter(
+            block for block in map(self._write_block, seqs)
+            if block is not None and self.allocator.ref_count(block) > 1)
+        return sum(count -
+                   1 if self.allocator.ref_count(block) == count else count
+                   for block, count in writers.items())
+
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Grow the block table to cover ``num_new_tokens`` more tokens."""
+        """Grow the block table to cover ``num_new_tokens`` more tokens.
+
+        Copy-on-write: when the block the first new token goes into is shared
+        (a forked sequence's partly filled last block), the sequence gets a
+        fresh block instead, and the copy (old, new) is queued for the worker
+        (``take_blocks_to_copy``) to make before the step's forward pass.
+        Full shared blocks are never written: a sequence only writes at and
+        after its computed tokens.
+        """
+        block = self._write_block(seq)
+        if (num_new_tokens > 0 and block is not None
+                and self.allocator.ref_count(block) > 1):
+            new = self.allocator.allocate()
+            self.allocator.free(block)
+            seq.block_table[seq.num_computed_tokens // self.block_size] = new
+            self._blocks_to_copy.append((block, new))
         for _ in range(self._num_new_blocks(seq, num_new_tokens)):
             seq.block_table.append(self.allocator.allocate())
+
+    def take_blocks_to_copy(self) -> list[tuple[int, int]]:
+        """The (source, destination) copies queued since the last call.
+
+        NOTE: every destination is a fresh block that no other copy reads
+        or writes in the same step, so the copies may run in any order.
+        """
+        copies, self._blocks_to_copy = self._blocks_to_copy, []
+        return copies
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """``child`` shares all of ``parent``'s blocks and computed tokens
+        (one more reference each); a shared block is copied when either one
+        writes into it (append_slots)."""
+        for block in parent.block_table:
+            self.allocator.share(block)
+        child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        self._num_registered[child.seq_id] = self._num_registered.get(
+            parent.seq_id, 0)
 
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks (GPU and swapped CPU ones)."""
@@ -281,40 +348,62 @@ class BlockManager:
         self._num_registered.pop(seq.seq_id, None)
 
     # ------------------------------------------------------------- swap
+    # A block shared by several sequences of the group (a fork) is copied
+    # once and stays shared on the other side.
     def can_swap_out(self, seq_group: SequenceGroup) -> bool:
-        need = sum(len(s.block_table) for s in seq_group.get_unfinished_seqs())
+        need = len({
+            block
+            for s in seq_group.get_unfinished_seqs()
+            for block in s.block_table
+        })
         return need <= self.cpu_allocator.num_free_blocks
 
     def swap_out(self, seq_group: SequenceGroup) -> list[tuple[int, int]]:
         """Move the group's blocks to CPU; returns (gpu, cpu) copies to do."""
-        copies = []
+        cpu_of: dict[int, int] = {}
         for seq in seq_group.get_unfinished_seqs():
-            cpu_table = [self.cpu_allocator.allocate() for _ in seq.block_table]
-            copies += list(zip(seq.block_table, cpu_table))
+            cpu_table = [
+                self._move(block, cpu_of, self.cpu_allocator)
+                for block in seq.block_table
+            ]
             self.register_computed_blocks(seq)
             for block in reversed(seq.block_table):
                 self.allocator.free(block)
             seq.block_table = []
             self._cpu_tables[seq.seq_id] = cpu_table
             self._num_registered.pop(seq.seq_id, None)
-        return copies
+        return list(cpu_of.items())
 
     def can_swap_in(self, seq_group: SequenceGroup) -> bool:
-        need = sum(
-            len(self._cpu_tables[s.seq_id])
-            for s in seq_group.get_unfinished_seqs())
+        need = len({
+            block
+            for s in seq_group.get_unfinished_seqs()
+            for block in self._cpu_tables[s.seq_id]
+        })
         return self.allocator.num_free_blocks - need >= self.watermark_blocks
 
     def swap_in(self, seq_group: SequenceGroup) -> list[tuple[int, int]]:
         """Bring the group's blocks back; returns (cpu, gpu) copies to do."""
-        copies = []
+        gpu_of: dict[int, int] = {}
         for seq in seq_group.get_unfinished_seqs():
             cpu_table = self._cpu_tables.pop(seq.seq_id)
-            seq.block_table = [self.allocator.allocate() for _ in cpu_table]
-            copies += list(zip(cpu_table, seq.block_table))
+            seq.block_table = [
+                self._move(block, gpu_of, self.allocator) for block in cpu_table
+            ]
             for block in cpu_table:
                 self.cpu_allocator.free(block)
-        return copies
+        return list(gpu_of.items())
+
+    @staticmethod
+    def _move(block: int, moved: dict[int, int],
+              dst_allocator: BlockAllocator) -> int:
+        """The destination block of ``block``: a new one the first time,
+        the same one (one more reference) after that."""
+        if block in moved:
+            dst_allocator.share(moved[block])
+        else:
+            moved[block] = dst_allocator.allocate()
+        return moved[block]
 
     # -------------------------------------------------------------- info
     def get_num_free_gpu_blocks(self) -> int:
@@ -388,6 +477,15 @@ class SmartBlockAllocator(BlockManager):
                 cdiv(total, self.block_size) - len(seq.block_table))
             for seq, total in self._predictions.values() if seq.block_table)
 
+    def _blocks_to_hold(self, seq_group: SequenceGroup) -> int:
+        """Blocks that all of a waiting group's tokens take, counting the
+        blocks its sequences will share after a fork once."""
+        seqs = [seq for seq in seq_group.seqs if not seq.is_finished]
+        num_tokens = seqs[
+            0].num_tokens  # the group's sequences advance together
+        shared = (seq_group.fork_at or 0) // self.block_size
+        return shared + len(seqs) * (cdiv(num_tokens, self.block_size) - shared)
+
     def can_allocate(self, seq_group: SequenceGroup,
                      num_new_tokens: int) -> AllocStatus:
         status = super().can_allocate(seq_group, num_new_tokens)
@@ -415,6 +513,12 @@ class SmartBlockAllocator(BlockManager):
         return super().allocate(seq_group, num_new_tokens)
 
     allocate = allocate_with_prediction
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        super().fork(parent, child)
+        if parent.seq_id in self._predictions:
+            self._predictions[child.seq_id] = (
+                child, self._predictions[parent.seq_id][1])
 
     def free(self, seq: Sequence) -> None:
         self._predictions.pop(seq.seq_id, None)

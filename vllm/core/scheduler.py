@@ -6,7 +6,9 @@ then unfinished prefill chunks); then swapped-out requests come back; waiting
 requests fill what is left. A prompt longer than the remaining budget is split into
 chunks when chunked prefill is on. When the KV cache runs out, a running request is
 preempted: its blocks are freed and it is recomputed later, or (``preemption_mode=
-"swap"``) its blocks are copied to CPU memory and copied back later.
+"swap"``) its blocks are copied to CPU memory and copied back later. The ``n``
+samples of a request share its prompt: the first sequence computes all of it but
+the last token, then the others fork its blocks (copy-on-write).
 
 ``Scheduler`` serves requests first come, first served; ``PriorityScheduler``
 serves lower ``priority`` values first and lets urgent requests preempt others.
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from vllm.config import SchedulerConfig
 from vllm.core.block_manager import AllocStatus, BlockManager
 from vllm.logger import init_logger
-from vllm.sequence import SequenceGroup, SequenceStatus
+from vllm.sequence import Sequence, SequenceGroup, SequenceStatus
 
 logger = init_logger(__name__)
 
@@ -68,14 +70,16 @@ class SchedulerOutputs:
     num_batched_tokens: int
     ignored_seq_groups: list[SequenceGroup]
     num_preempted: int
-    # KV-cache copies the worker makes before the forward pass
+    # KV-cache copies the worker makes before the forward pass, in order
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # copy-on-write (source, destination) device blocks
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return not (self.scheduled_seq_groups or self.blocks_to_swap_out
-                    or self.blocks_to_swap_in)
+                    or self.blocks_to_swap_in or self.blocks_to_copy)
 
 
 class Scheduler:
@@ -114,8 +118,8 @@ class Scheduler:
         for queue in (self.waiting, self.running, self.swapped):
             for seq_group in [g for g in queue if g.request_id in request_ids]:
                 queue.remove(seq_group)
-                for seq in seq_group.get_unfinished_seqs():
-                    seq.status = SequenceStatus.FINISHED_ABORTED
+                for seq in seq_group.finish_all(
+                        SequenceStatus.FINISHED_ABORTED):
                     self.block_manager.free(seq)
                 aborted.append(seq_group)
         return aborted
@@ -135,12 +139,15 @@ class Scheduler:
         for seq_group in self.running:
             for seq in seq_group.get_unfinished_seqs():
                 self.block_manager.register_computed_blocks(seq)
+            # NOTE: running groups only: a group reaches the fork point in a
+            # step, and is forked here before it can be preempted or swapped.
+            if seq_group.fork_pending and seq_group.num_uncomputed_tokens == 0:
+                self._fork(seq_group)
         self._order_waiting()
         self._preempt_for_waiting()
         budget = SchedulingBudget(self.config.max_num_batched_tokens,
                                   self.config.max_num_seqs)
-        scheduled, num_preempted = self._schedule_running(budget)
-        ignored: list[SequenceGroup] = []
+        scheduled, num_preempted, ignored = self._schedule_running(budget)
         swap_in: list[tuple[int, int]] = []
         # Admit work only when nothing had to be evicted for running work,
         # and swapped-out requests before new ones.
@@ -149,19 +156,34 @@ class Scheduler:
             if not self.swapped:
                 prefills = self._schedule_prefills(budget)
                 scheduled += prefills.seq_groups
-                ignored = prefills.ignored_seq_groups
+                ignored += prefills.ignored_seq_groups
         swap_out, self._pending_swap_out = self._pending_swap_out, []
-        return SchedulerOutputs(scheduled_seq_groups=scheduled,
-                                num_batched_tokens=budget.num_batched_tokens,
-                                ignored_seq_groups=ignored,
-                                num_preempted=num_preempted,
-                                blocks_to_swap_out=swap_out,
-                                blocks_to_swap_in=swap_in)
+        return SchedulerOutputs(
+            scheduled_seq_groups=scheduled,
+            num_batched_tokens=budget.num_batched_tokens,
+            ignored_seq_groups=ignored,
+            num_preempted=num_preempted,
+            blocks_to_swap_out=swap_out,
+            blocks_to_swap_in=swap_in,
+            blocks_to_copy=self.block_manager.take_blocks_to_copy())
 
-    @staticmethod
-    def _num_uncomputed_tokens(seq_group: SequenceGroup) -> int:
-        # All unfinished sequences of a group advance together.
-        return seq_group.get_unfinished_seqs()[0].num_uncomputed_tokens
+    def _fork(self, seq_group: SequenceGroup) -> None:
+        """The group's other sequences take the blocks of its leader, which
+        has computed the ``fork_at`` tokens they all share."""
+        leader = seq_group.get_unfinished_seqs()[0]
+        for follower in seq_group.get_followers():
+            self.block_manager.fork(leader, follower)
+            follower.status = leader.status
+        seq_group.fork_at = None
+
+    def fork_seq(self, parent: Sequence, child: Sequence) -> None:
+        """Beam search: ``child`` continues from ``parent``'s blocks."""
+        self.block_manager.fork(parent, child)
+        child.status = parent.status
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Beam search: a dropped beam lets its blocks go."""
+        self.block_manager.free(seq)
 
     # ------------------------------------------------------ policy hooks
     def _order_waiting(self) -> None:
@@ -179,11 +201,13 @@ class Scheduler:
 
     # --------------------------------------------------------- running
     def _schedule_running(
-            self, budget: SchedulingBudget
-    ) -> tuple[list[ScheduledSequenceGroup], int]:
+        self, budget: SchedulingBudget
+    ) -> tuple[list[ScheduledSequenceGroup], int, list[SequenceGroup]]:
+        """-> (scheduled, number of groups preempted, groups finished because
+        they outgrew the whole cache)."""
         # decodes first, then the next chunks of partly computed prompts
-        order = sorted(self.running,
-                       key=lambda g: self._num_uncomputed_tokens(g) > 1)
+        order = sorted(self.running, key=lambda g: g.num_uncomputed_tokens > 1)
+        oversized: list[SequenceGroup] = []
         scheduled: list[ScheduledSequenceGroup] = []
         scheduled_ids: set[int] = set()
         preempted_ids: set[int] = set()
@@ -191,13 +215,19 @@ class Scheduler:
             if id(seq_group) in preempted_ids:
                 continue
             num_seqs = len(seq_group.get_unfinished_seqs())
-            num_new_tokens = min(self._num_uncomputed_tokens(seq_group),
+            num_new_tokens = min(seq_group.num_uncomputed_tokens,
                                  budget.remaining_token_budget())
             if not budget.can_schedule(num_new_tokens=num_new_tokens,
                                        num_new_seqs=num_seqs):
                 continue
             while not self.block_manager.can_append_slots(
                     seq_group, num_new_tokens):
+                if self.running == [seq_group]:
+                    # Alone and still out of blocks: several sequences that
+                    # together outgrow the cache. Retrying would loop.
+                    self._finish_oversized(seq_group)
+                    oversized.append(seq_group)
+                    break
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim)
                 preempted_ids.add(id(victim))
@@ -211,7 +241,16 @@ class Scheduler:
                 scheduled.append(
                     ScheduledSequenceGroup(seq_group, num_new_tokens))
                 scheduled_ids.add(id(seq_group))
-        return scheduled, len(preempted_ids)
+        return scheduled, len(preempted_ids), oversized
+
+    def _finish_oversized(self, seq_group: SequenceGroup) -> None:
+        logger.warning(
+            "Request %s (%d sequences) needs more KV-cache blocks than the "
+            "whole cache has; it is finished early.", seq_group.request_id,
+            len(seq_group.get_unfinished_seqs()))
+        self.running.remove(seq_group)
+        for seq in seq_group.finish_all(SequenceStatus.FINISHED_LENGTH_CAPPED):
+            self.block_manager.free(seq)
 
     def _preempt(self,
                  seq_group: SequenceGroup,
@@ -230,6 +269,7 @@ class Scheduler:
             for seq in seq_group.get_unfinished_seqs():
                 self.block_manager.free(seq)
                 seq.reset_for_recompute()
+            seq_group.share_prefix_on_recompute()
             self.waiting.appendleft(seq_group)
         self.num_cumulative_preemption += 1
         if self.num_cumulative_preemption % _PREEMPTION_WARNING_INTERVAL == 1:
@@ -249,7 +289,7 @@ class Scheduler:
         while self.swapped:
             seq_group = self.swapped[0]
             num_seqs = len(seq_group.get_unfinished_seqs())
-            num_new_tokens = min(self._num_uncomputed_tokens(seq_group),
+            num_new_tokens = min(seq_group.num_uncomputed_tokens,
                                  budget.remaining_token_budget())
             if not (budget.can_schedule(num_new_tokens=num_new_tokens,
                                         num_new_seqs=num_seqs)
@@ -283,7 +323,7 @@ class Scheduler:
             seq_group = self.waiting[0]
             num_seqs = len(seq_group.get_unfinished_seqs())
             num_cached = self.block_manager.get_num_cached_tokens(seq_group)
-            num_new_tokens = self._num_uncomputed_tokens(seq_group) - num_cached
+            num_new_tokens = seq_group.num_uncomputed_tokens - num_cached
             if (not self.config.enable_chunked_prefill
                     and num_new_tokens > budget.remaining_token_budget()):
                 break
@@ -300,8 +340,7 @@ class Scheduler:
                 logger.warning(
                     "Request %s needs more KV-cache blocks than the whole "
                     "cache has; it is finished unserved.", seq_group.request_id)
-                for seq in seq_group.get_unfinished_seqs():
-                    seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+                seq_group.finish_all(SequenceStatus.FINISHED_LENGTH_CAPPED)
                 out.ignored_seq_groups.append(seq_group)
                 continue
             cached = self.block_manager.allocate(seq_group, num_new_tokens)
@@ -355,9 +394,8 @@ class PriorityScheduler(Scheduler):
             return
         head = self.waiting[0]
         num_cached = self.block_manager.get_num_cached_tokens(head)
-        num_new = min(
-            self._num_uncomputed_tokens(head) - num_cached,
-            self.config.max_num_batched_tokens)
+        num_new = min(head.num_uncomputed_tokens - num_cached,
+                      self.config.max_num_batched_tokens)
         while self.running:
             full = len(self.running) >= self.config.max_num_seqs
             status = self.block_manager.can_allocate(head, num_new)

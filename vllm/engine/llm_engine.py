@@ -11,6 +11,7 @@ from typing import TypedDict
 
 import torch
 
+from vllm.beam_search import Beam, BeamSearch
 from vllm.config import VllmConfig
 from vllm.core.block_manager import BlockManager, SmartBlockAllocator
 from vllm.core.scheduler import (PriorityScheduler, ScheduledSequenceGroup,
@@ -21,9 +22,12 @@ from vllm.engine.stop_checker import StopChecker
 from vllm.executor.uniproc_executor import UniProcExecutor
 from vllm.logger import init_logger
 from vllm.model_executor.layers.sampler import LogprobsTensors
-from vllm.outputs import CompletionOutput, Logprob, RequestOutput
-from vllm.sampling_params import RequestOutputKind, SamplingParams
-from vllm.sequence import ScheduledSequence, Sequence, SequenceGroup
+from vllm.outputs import (CompletionOutput, Logprob, PromptLogprobs,
+                          RequestOutput)
+from vllm.sampling_params import (BeamSearchParams, RequestOutputKind,
+                                  SamplingParams)
+from vllm.sequence import (ScheduledSequence, Sequence, SequenceGroup,
+                           SequenceStatus)
 from vllm.transformers_utils.config import get_generation_config
 from vllm.transformers_utils.detokenizer import IncrementalDetokenizer
 from vllm.transformers_utils.tokenizer import (AnyTokenizer, encode_prompt,
@@ -73,6 +77,8 @@ class LLMEngine:
         self._seq_counter = itertools.count()
         # DELTA outputs: (tokens, characters) already returned per sequence.
         self._returned: dict[int, tuple[int, int]] = {}
+        # DELTA outputs: prompt logprobs already returned per request.
+        self._returned_prompt_logprobs: dict[str, int] = {}
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
@@ -97,9 +103,17 @@ class LLMEngine:
         return ids
 
     # ------------------------------------------------------------ requests
-    def preprocess_prompt(self, prompt: PromptType,
-                          request_id: str) -> TokensPrompt:
-        """Tokenize and validate one prompt; ValueError names what is wrong."""
+    def preprocess_prompt(
+            self,
+            prompt: PromptType,
+            request_id: str,
+            truncate_prompt_tokens: int | None = None) -> TokensPrompt:
+        """Tokenize and validate one prompt; ValueError names what is wrong.
+
+        ``truncate_prompt_tokens`` (SamplingParams') keeps the last k tokens
+        (left truncation, as vLLM: a BOS at the start is cut too); -1 means
+        k = max_model_len. The length check applies after truncation.
+        """
         if isinstance(prompt, str):
             prompt = TextPrompt(prompt=prompt)
         if not isinstance(prompt, dict) or not ("prompt" in prompt or
@@ -119,6 +133,9 @@ class LLMEngine:
             raise ValueError(f"The prompt of request {request_id} ({shown}) "
                              "is empty.")
         max_len = self.model_config.max_model_len
+        if truncate_prompt_tokens is not None:
+            keep = self._truncation_size(truncate_prompt_tokens)
+            token_ids = token_ids[-keep:]
         if len(token_ids) > max_len:
             raise ValueError(
                 f"The prompt of request {request_id} ({shown}) is "
@@ -135,14 +152,28 @@ class LLMEngine:
             out["prompt"] = text
         return out
 
-    def _validate_params(self, params: SamplingParams) -> None:
-        """Engine-time checks of vLLM, plus features not built yet."""
-        max_logprobs = self.model_config.max_logprobs
-        if params.logprobs is not None and max_logprobs != -1 and (
-                params.logprobs == -1 or params.logprobs > max_logprobs):
+    def _truncation_size(self, truncate_prompt_tokens: int) -> int:
+        """How many prompt tokens truncate_prompt_tokens keeps."""
+        max_len = self.model_config.max_model_len
+        if truncate_prompt_tokens == -1:
+            return max_len
+        if not (isinstance(truncate_prompt_tokens, int)
+                and 1 <= truncate_prompt_tokens <= max_len):
             raise ValueError(
-                f"Requested sample logprobs of {params.logprobs}, which is "
-                f"greater than max allowed: {max_logprobs}.")
+                f"truncate_prompt_tokens ({truncate_prompt_tokens}) must be "
+                f"-1 or in [1, max_model_len={max_len}].")
+        return truncate_prompt_tokens
+
+    def _validate_params(self, params: SamplingParams) -> None:
+        """Engine-time checks of vLLM."""
+        max_logprobs = self.model_config.max_logprobs
+        for kind, value in (("sample", params.logprobs),
+                            ("prompt", params.prompt_logprobs)):
+            if value is not None and max_logprobs != -1 and (
+                    value == -1 or value > max_logprobs):
+                raise ValueError(
+                    f"Requested {kind} logprobs of {value}, which is "
+                    f"greater than max allowed: {max_logprobs}.")
         vocab = self.model_config.vocab_size
         bad = [t for t in params.stop_token_ids or () if not 0 <= t < vocab]
         if bad:
@@ -159,15 +190,6 @@ class LLMEngine:
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise ValueError("Stop strings and bad_words need a tokenizer "
                              "(skip_tokenizer_init=True was given).")
-        not_yet = {
-            "prompt_logprobs": params.prompt_logprobs is not None,
-            "truncate_prompt_tokens": params.truncate_prompt_tokens is not None,
-        }
-        for name, used in not_yet.items():
-            if used:
-                raise ValueError(
-                    f"SamplingParams.{name} is not supported by this engine "
-                    "yet; leave it at its default.")
 
     def add_request(self,
                     request_id: str,
@@ -176,17 +198,12 @@ class LLMEngine:
                     arrival_time: float | None = None,
                     priority: int = 0) -> None:
         """Queue a request. Raises ValueError (and queues nothing) on bad input."""
-        if request_id in self.seq_groups:
-            raise ValueError(f"Request id {request_id!r} is already in use.")
-        if priority != 0 and self.vllm_config.scheduler_config.policy != \
-                "priority":
-            raise ValueError("Priority scheduling is not enabled "
-                             f"(request {request_id} has priority {priority}); "
-                             "pass scheduling_policy='priority'.")
+        self._check_new_request(request_id, priority)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"Request {request_id}: expected SamplingParams, "
                              f"got {type(params).__name__}.")
-        tokens_prompt = self.preprocess_prompt(prompt, request_id)
+        tokens_prompt = self.preprocess_prompt(prompt, request_id,
+                                               params.truncate_prompt_tokens)
         self._validate_params(params)
         params = params.clone()
         if params.bad_words and self.tokenizer is not None:
@@ -194,17 +211,71 @@ class LLMEngine:
         params.update_from_generation_config(
             self.generation_config,
             getattr(self.model_config.hf_config, "eos_token_id", None))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(
+                device=self.vllm_config.device_config.device)
+            generator.manual_seed(params.seed)
+        self._queue(request_id, tokens_prompt, params, arrival_time, priority,
+                    generator)
+
+    def add_beam_search_request(self,
+                                request_id: str,
+                                prompt: PromptType,
+                                params: BeamSearchParams,
+                                arrival_time: float | None = None,
+                                priority: int = 0) -> None:
+        """Queue a beam search (vllm/beam_search.py): its sequences are the
+        live beams; the finished output holds the ``beam_width`` best
+        sequences, best first."""
+        self._check_new_request(request_id, priority)
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"Request {request_id}: expected "
+                             f"BeamSearchParams, got {type(params).__name__}.")
+        tokens_prompt = self.preprocess_prompt(prompt, request_id)
+        room = (self.model_config.max_model_len -
+                len(tokens_prompt["prompt_token_ids"]))
+        search = BeamSearch(
+            params.beam_width, max(1, min(params.max_tokens, room)),
+            params.length_penalty,
+            set() if params.ignore_eos else self._eos_token_ids())
+        vocab = self.model_config.vocab_size
+        if search.num_candidates > vocab:
+            raise ValueError(
+                f"beam_width={params.beam_width} needs "
+                f"{search.num_candidates} candidates per step, more than the "
+                f"vocabulary's {vocab} tokens.")
+        # Each step every beam computes one token and returns its best
+        # candidates; the greedy token it samples is not used as such.
+        step_params = SamplingParams(temperature=0.0,
+                                     max_tokens=search.max_tokens,
+                                     ignore_eos=True,
+                                     logprobs=search.num_candidates,
+                                     detokenize=False,
+                                     output_kind=RequestOutputKind.FINAL_ONLY)
+        group = self._queue(request_id, tokens_prompt, step_params,
+                            arrival_time, priority, None)
+        group.beam_search = search
+
+    def _check_new_request(self, request_id: str, priority: int) -> None:
+        if request_id in self.seq_groups:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        if priority != 0 and self.vllm_config.scheduler_config.policy != \
+                "priority":
+            raise ValueError("Priority scheduling is not enabled "
+                             f"(request {request_id} has priority {priority}); "
+                             "pass scheduling_policy='priority'.")
+
+    def _queue(self, request_id: str, tokens_prompt: TokensPrompt,
+               params: SamplingParams, arrival_time: float | None,
+               priority: int,
+               generator: torch.Generator | None) -> SequenceGroup:
         prompt_ids = tokens_prompt["prompt_token_ids"]
         seqs = [
             Sequence(next(self._seq_counter), prompt_ids,
                      self._make_detokenizer(prompt_ids, params))
             for _ in range(params.n)
         ]
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(
-                device=self.vllm_config.device_config.device)
-            generator.manual_seed(params.seed)
         seq_group = SequenceGroup(request_id,
                                   seqs,
                                   params,
@@ -214,6 +285,7 @@ class LLMEngine:
                                   generator=generator)
         self.seq_groups[request_id] = seq_group
         self.scheduler.add_seq_group(seq_group)
+        return seq_group
 
     def _make_detokenizer(
             self, prompt_ids: list[int],
@@ -250,7 +322,8 @@ class LLMEngine:
         ]
         result = self.executor.execute_model(scheduled,
                                              sched.blocks_to_swap_out,
-                                             sched.blocks_to_swap_in)
+                                             sched.blocks_to_swap_in,
+                                             sched.blocks_to_copy)
         self._process_outputs(sched.scheduled_seq_groups, result)
         self.scheduler.free_finished_seq_groups()
         if self.stat_logger is not None:
@@ -290,6 +363,12 @@ class LLMEngine:
                                sg: ScheduledSequenceGroup) -> ScheduledSequence:
         chunk = sg.token_chunk_size
         group = sg.seq_group
+        # One sequence of the group computes the prompt logprobs still missing.
+        prompt_logprobs_from = None
+        if (group.prompt_logprobs is not None
+                and not group.prompt_logprobs_complete
+                and seq is group.get_unfinished_seqs()[0]):
+            prompt_logprobs_from = len(group.prompt_logprobs)
         return ScheduledSequence(seq_id=seq.seq_id,
                                  token_ids=seq.uncomputed_token_ids(chunk),
                                  num_computed_tokens=seq.num_computed_tokens,
@@ -299,7 +378,8 @@ class LLMEngine:
                                  sampling_params=group.sampling_params,
                                  generator=group.generator,
                                  prompt_token_ids=seq.prompt_token_ids,
-                                 output_token_ids=seq.output_token_ids)
+                                 output_token_ids=seq.output_token_ids,
+                                 prompt_logprobs_from=prompt_logprobs_from)
 
     def _process_outputs(self, scheduled: list[ScheduledSequenceGroup],
                          result: ModelRunnerOutput) -> None:
@@ -308,56 +388,137 @@ class LLMEngine:
         row_of = {seq_id: i for i, seq_id in enumerate(result.seq_ids)}
         for sg in scheduled:
             group = sg.seq_group
-            params = group.sampling_params
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
-            for seq in group.get_unfinished_seqs():
-                seq.num_computed_tokens += sg.token_chunk_size
-                row = row_of.get(seq.seq_id)
-                if row is None:
-                    continue  # a prompt chunk that is not the last one
-                token_id = result.sampled_token_ids[row]
-                logprobs = None
-                if params.logprobs is not None and result.logprobs is not None:
-                    logprobs = self._logprobs_of_row(result.logprobs, row,
-                                                     params.logprobs)
-                seq.append_token(token_id, logprobs)
-                stopped = self.stop_checker.check_stop_token(seq, params)
-                new_chars = 0
-                if seq.detokenizer is not None and (
-                        not stopped or params.include_stop_str_in_output):
-                    new_text = seq.detokenizer.append([token_id])
-                    seq.output_text += new_text
-                    new_chars = len(new_text)
-                if not stopped:
-                    self.stop_checker.check_stop_text_and_length(
-                        seq, new_chars, params)
+            if group.beam_search is not None:
+                self._advance_beams(group, sg.token_chunk_size, result, row_of)
+            else:
+                self._advance_samples(group, sg.token_chunk_size, result,
+                                      row_of)
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
             group.metrics.last_token_time = now
 
-    def _logprobs_of_row(self, tensors: LogprobsTensors, row: int,
-                         num_logprobs: int) -> dict[int, Logprob]:
-        """The sampled token and the top ``num_logprobs`` tokens of one row."""
+    def _advance_samples(self, group: SequenceGroup, chunk: int,
+                         result: ModelRunnerOutput, row_of: dict[int,
+                                                                 int]) -> None:
+        """Record prompt logprobs; append each sampled token, detokenize it
+        and check whether its sequence stops."""
+        params = group.sampling_params
+        for seq in group.get_unfinished_seqs():
+            seq.num_computed_tokens += chunk
+            if seq.seq_id in result.prompt_logprobs:
+                self._record_prompt_logprobs(
+                    group, *result.prompt_logprobs[seq.seq_id])
+            row = row_of.get(seq.seq_id)
+            if row is None:
+                continue  # a prompt chunk that is not the last one
+            token_id = result.sampled_token_ids[row]
+            logprobs = None
+            if params.logprobs is not None and result.logprobs is not None:
+                logprobs = self._logprobs_of_row(result.logprobs, row,
+                                                 params.logprobs)
+            seq.append_token(token_id, logprobs)
+            stopped = self.stop_checker.check_stop_token(seq, params)
+            new_chars = 0
+            if seq.detokenizer is not None and (
+                    not stopped or params.include_stop_str_in_output):
+                new_text = seq.detokenizer.append([token_id])
+                seq.output_text += new_text
+                new_chars = len(new_text)
+            if not stopped:
+                self.stop_checker.check_stop_text_and_length(
+                    seq, new_chars, params)
+
+    def _advance_beams(self, group: SequenceGroup, chunk: int,
+                       result: ModelRunnerOutput, row_of: dict[int,
+                                                               int]) -> None:
+        """A beam-search step: pick the next beams from the candidates of
+        each live beam, fork the sequence of a beam kept more than once
+        (blocks shared), free the beams dropped, finish when done."""
+        search = group.beam_search
+        seqs = group.get_unfinished_seqs()
+        for seq in seqs:
+            seq.num_computed_tokens += chunk
+        if seqs[0].seq_id not in row_of:
+            return  # a prompt chunk that is not the last one
+        assert search is not None and result.logprobs is not None
+        candidates = [
+            self._logprobs_of_row(result.logprobs,
+                                  row_of[seq.seq_id],
+                                  search.num_candidates,
+                                  decode=False) for seq in seqs
+        ]
+        next_beams = search.step([
+            Beam(seq.output_token_ids, seq.cumulative_logprob,
+                 seq.output_logprobs) for seq in seqs
+        ], candidates)
+        if search.done:
+            for seq in seqs:  # their blocks go after this step
+                seq.status = SequenceStatus.FINISHED_STOPPED
+            return
+        kept: list[Sequence] = []
+        parents: set[int] = set()
+        for parent, _ in next_beams:
+            if parent in parents:
+                child = seqs[parent].fork(next(self._seq_counter))
+                self.scheduler.fork_seq(seqs[parent], child)
+                kept.append(child)
+            else:
+                parents.add(parent)
+                kept.append(seqs[parent])
+        # Only now: a fork copies its parent's tokens before this step's.
+        for seq, (parent, token) in zip(kept, next_beams):
+            seq.append_token(token, candidates[parent])
+        for i, seq in enumerate(seqs):
+            if i not in parents:
+                self.scheduler.free_seq(seq)
+        group.seqs = kept
+
+    def _record_prompt_logprobs(self, group: SequenceGroup, first_token: int,
+                                tensors: LogprobsTensors) -> None:
+        """Append the entries of prompt tokens ``first_token, ...``; entries
+        already recorded (a recompute after preemption) are skipped."""
+        recorded = group.prompt_logprobs
+        num_logprobs = group.sampling_params.prompt_logprobs
+        assert recorded is not None and num_logprobs is not None
+        assert first_token <= len(recorded), "prompt logprobs skipped a token"
+        for row in range(
+                len(recorded) - first_token, tensors.logprobs.shape[0]):
+            recorded.append(self._logprobs_of_row(tensors, row, num_logprobs))
+
+    def _logprobs_of_row(self,
+                         tensors: LogprobsTensors,
+                         row: int,
+                         num_logprobs: int,
+                         decode: bool = True) -> dict[int, Logprob]:
+        """The sampled token and the top ``num_logprobs`` tokens of one row
+        (``decode=False``: no decoded_token yet, see _fill_decoded)."""
         ids = tensors.logprob_token_ids[row].tolist()
         values = tensors.logprobs[row].tolist()
         if num_logprobs == -1:
             num_logprobs = len(ids) - 1
+        decoded = self._decode_token if decode else lambda _: None
         result = {
             ids[0]:
             Logprob(values[0], int(tensors.selected_token_ranks[row]),
-                    self._decode_token(ids[0]))
+                    decoded(ids[0]))
         }
         for rank in range(1, num_logprobs + 1):
-            result.setdefault(
-                ids[rank],
-                Logprob(values[rank], rank, self._decode_token(ids[rank])))
+            result.setdefault(ids[rank],
+                              Logprob(values[rank], rank, decoded(ids[rank])))
         return result
 
     def _decode_token(self, token_id: int) -> str | None:
         if self.tokenizer is None:
             return None
         return str(self.tokenizer.decode([token_id]))
+
+    def _fill_decoded(self, steps: list[dict[int, Logprob]]) -> None:
+        for step in steps:
+            for token_id, logprob in step.items():
+                if logprob.decoded_token is None:
+                    logprob.decoded_token = self._decode_token(token_id)
 
     # ------------------------------------------------------------- outputs
     def _finish(self, seq_group: SequenceGroup) -> RequestOutput:
@@ -373,20 +534,56 @@ class LLMEngine:
             return None
         if finished:
             seq_group.metrics.finished_time = time.time()
-        completions = [
-            self._completion(i, seq, params, kind)
-            for i, seq in enumerate(seq_group.seqs)
-        ]
+        if seq_group.beam_search is not None:
+            completions = self._beam_completions(seq_group.beam_search)
+        else:
+            completions = [
+                self._completion(i, seq, params, kind)
+                for i, seq in enumerate(seq_group.seqs)
+            ]
+        prompt_logprobs = self._prompt_logprobs_output(seq_group, kind)
         if finished:
             self._forget(seq_group)
         return RequestOutput(request_id=seq_group.request_id,
                              prompt=seq_group.prompt,
                              prompt_token_ids=seq_group.prompt_token_ids,
-                             prompt_logprobs=None,
+                             prompt_logprobs=prompt_logprobs,
                              outputs=completions,
                              finished=finished,
                              metrics=seq_group.metrics,
                              num_cached_tokens=seq_group.num_cached_tokens or 0)
+
+    def _prompt_logprobs_output(
+            self, seq_group: SequenceGroup,
+            kind: RequestOutputKind) -> PromptLogprobs | None:
+        """The prompt logprobs so far; DELTA: those not returned before
+        (None when there are none)."""
+        recorded = seq_group.prompt_logprobs
+        if recorded is None or kind != RequestOutputKind.DELTA:
+            return None if recorded is None else list(recorded)
+        start = self._returned_prompt_logprobs.get(seq_group.request_id, 0)
+        self._returned_prompt_logprobs[seq_group.request_id] = len(recorded)
+        return recorded[start:] or None
+
+    def _beam_completions(self, search: BeamSearch) -> list[CompletionOutput]:
+        """The kept hypotheses, best first (none yet while running)."""
+        completions = []
+        for index, hypothesis in enumerate(search.finished):
+            beam = hypothesis.beam
+            self._fill_decoded(beam.logprobs)
+            text = ""
+            if self.tokenizer is not None:
+                text = str(
+                    self.tokenizer.decode(beam.token_ids,
+                                          skip_special_tokens=True))
+            completions.append(
+                CompletionOutput(index=index,
+                                 text=text,
+                                 token_ids=beam.token_ids,
+                                 cumulative_logprob=beam.cum_logprob,
+                                 logprobs=beam.logprobs,
+                                 finish_reason=hypothesis.finish_reason))
+        return completions
 
     def _completion(self, index: int, seq: Sequence, params: SamplingParams,
                     kind: RequestOutputKind) -> CompletionOutput:
@@ -414,6 +611,7 @@ class LLMEngine:
 
     def _forget(self, seq_group: SequenceGroup) -> None:
         self.seq_groups.pop(seq_group.request_id, None)
+        self._returned_prompt_logprobs.pop(seq_group.request_id, None)
         for seq in seq_group.seqs:
             self._returned.pop(seq.seq_id, None)
 

@@ -8,11 +8,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vllm import envs
+from vllm.beam_search import BeamSearchOutput, BeamSearchSequence
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.llm_engine import LLMEngine, PromptType, TokensPrompt
 from vllm.logger import enable_trace_function_call, init_logger
 from vllm.outputs import RequestOutput
-from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.sampling_params import (BeamSearchParams, RequestOutputKind,
+                                  SamplingParams)
 from vllm.transformers_utils.tokenizer import AnyTokenizer
 
 logger = init_logger(__name__)
@@ -174,8 +176,9 @@ class LLM:
         engine = self.llm_engine
         request_ids = [str(next(self._request_counter)) for _ in prompts]
         processed: list[TokensPrompt] = [
-            engine.preprocess_prompt(p, rid)
-            for p, rid in zip(prompts, request_ids)
+            engine.preprocess_prompt(
+                p, rid, getattr(params, "truncate_prompt_tokens", None))
+            for p, rid, params in zip(prompts, request_ids, params_list)
         ]
         final_params = []
         for params in params_list:
@@ -193,6 +196,52 @@ class LLM:
             # Leave the engine clean for the next call.
             engine.abort_request(added)
             raise
+
+    def beam_search(self,
+                    prompts: PromptType | SequenceABC[PromptType],
+                    params: BeamSearchParams,
+                    *,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """The ``params.beam_width`` best sequences of each prompt, best first,
+        as transformers' beam search finds them (see vllm/beam_search.py).
+        Each sequence's ``tokens`` and ``text`` include the prompt."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError("beam_search takes BeamSearchParams, got "
+                             f"{type(params).__name__}.")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        engine = self.llm_engine
+        request_ids = [str(next(self._request_counter)) for _ in prompts]
+        processed = [
+            engine.preprocess_prompt(p, rid)
+            for p, rid in zip(prompts, request_ids)
+        ]
+        added: list[str] = []
+        try:
+            for rid, prompt in zip(request_ids, processed):
+                engine.add_beam_search_request(rid, prompt, params)
+                added.append(rid)
+            outputs = self._run_engine(request_ids, use_tqdm)
+        except BaseException:
+            engine.abort_request(added)
+            raise
+        tokenizer = engine.tokenizer
+        results = []
+        for out in outputs:
+            sequences = []
+            for completion in out.outputs:
+                tokens = out.prompt_token_ids + completion.token_ids
+                sequences.append(
+                    BeamSearchSequence(tokens=tokens,
+                                       logprobs=completion.logprobs or [],
+                                       cum_logprob=completion.cumulative_logprob
+                                       or 0.0,
+                                       text=(str(tokenizer.decode(tokens)) if
+                                             tokenizer is not None else None),
+                                       finish_reason=completion.finish_reason))
+            results.append(BeamSearchOutput(sequences=sequences))
+        return results
 
     def _run_engine(self, request_ids: list[str],
                     use_tqdm: bool) -> list[RequestOutput]:

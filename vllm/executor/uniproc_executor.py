@@ -54,7 +54,8 @@ class UniProcExecutor:
         self,
         scheduled: list[ScheduledSequence],
         blocks_to_swap_out: list[tuple[int, int]] | None = None,
-        blocks_to_swap_in: list[tuple[int, int]] | None = None
+        blocks_to_swap_in: list[tuple[int, int]] | None = None,
+        blocks_to_copy: list[tuple[int, int]] | None = None
     ) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduled, blocks_to_swap_out,
-                                         blocks_to_swap_in)
+                                         blocks_to_swap_in, blocks_to_copy)

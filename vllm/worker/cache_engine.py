@@ -1,5 +1,5 @@
 """Allocates the paged KV cache (one tensor per attention layer) and the CPU
-swap space, and copies blocks between them."""
+swap space, and copies blocks between them (swaps, copy-on-write)."""
 import torch
 
 from vllm.attention.backends.abstract import AttentionBackend
@@ -76,3 +76,8 @@ class CacheEngine:
     def swap_in(self, mapping: list[tuple[int, int]]) -> None:
         """Copy (CPU block, device block) pairs back to the device."""
         self._copy(self.cpu_caches, self.kv_caches, mapping)
+
+    def copy_blocks(self, mapping: list[tuple[int, int]]) -> None:
+        """Copy-on-write: copy (source, destination) device blocks. All
+        sources are read before any destination is written."""
+        self._copy(self.kv_caches, self.kv_caches, mapping)

@@ -6,7 +6,7 @@ batches on CUDA replay a captured CUDA graph (``CUDAGraphRunner``) instead of
 launching the model's kernels one by one. The only device-to-host copy is the
 sampled token ids (and their logprobs when asked for).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +16,8 @@ from vllm.config import VllmConfig
 from vllm.core.block_manager import cdiv
 from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
-from vllm.model_executor.layers.sampler import LogprobsTensors, Sampler
+from vllm.model_executor.layers.sampler import (LogprobsTensors, Sampler,
+                                                compute_topk_logprobs)
 from vllm.model_executor.model_loader import get_model
 from vllm.model_executor.sampling_metadata import SamplingMetadata
 from vllm.model_executor.sampling_state import SamplingState
@@ -27,6 +28,12 @@ from vllm.worker.input_buffers import InputBuffers
 
 logger = init_logger(__name__)
 
+# Prompt logprobs: rows of logits made at once (x vocab_size floats).
+_PROMPT_LOGITS_ELEMENTS = 1 << 26
+
+# seq_id -> (index of the prompt token of row 0, prompt logprobs on the CPU)
+PromptLogprobsBySeq = dict[int, tuple[int, LogprobsTensors]]
+
 
 @dataclass
 class ModelRunnerOutput:
@@ -34,6 +41,9 @@ class ModelRunnerOutput:
     seq_ids: list[int]
     sampled_token_ids: list[int]
     logprobs: LogprobsTensors | None  # CPU tensors, rows as seq_ids
+    # Of the sequences that asked (ScheduledSequence.prompt_logprobs_from)
+    # and computed such positions this step.
+    prompt_logprobs: PromptLogprobsBySeq = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -125,8 +135,9 @@ class ModelRunner:
         # The last token of each sequence that samples gives the logits.
         sample_rows = [i for i, s in enumerate(seqs) if s.do_sample]
         hidden_states, logits_indices = self._forward(seqs, sample_rows)
+        prompt_logprobs = self._compute_prompt_logprobs(seqs, hidden_states)
         if not sample_rows:
-            return ModelRunnerOutput([], [], None)
+            return ModelRunnerOutput([], [], None, prompt_logprobs)
         logits = self.model.compute_logits(hidden_states[logits_indices])
         sampling_seqs = [seqs[i] for i in sample_rows]
         metadata = self.sampling_state.prepare(
@@ -139,7 +150,53 @@ class ModelRunner:
         # The one device -> host copy of the step.
         sampled, logprobs = self.sampler(logits, metadata).to_host()
         return ModelRunnerOutput([s.seq_id for s in sampling_seqs], sampled,
-                                 logprobs)
+                                 logprobs, prompt_logprobs)
+
+    def _compute_prompt_logprobs(
+            self, seqs: list[ScheduledSequence],
+            hidden_states: torch.Tensor) -> PromptLogprobsBySeq:
+        """Prompt logprobs of the sequences that ask for them: the hidden
+        state at prompt position p gives the entry of prompt token p + 1.
+
+        ``seqs`` are in batch order (``hidden_states`` [T, H] rows). Logits
+        are made a slice of rows at a time, so a long prompt chunk never
+        holds [T, V] logits at once.
+        """
+        result: PromptLogprobsBySeq = {}
+        start = 0  # the sequence's first row in hidden_states
+        for s in seqs:
+            first_token = s.prompt_logprobs_from
+            computed = s.num_computed_tokens
+            if first_token is not None:
+                lo = max(computed, first_token - 1)
+                hi = min(computed + len(s.token_ids),
+                         len(s.prompt_token_ids) - 1)
+                if lo < hi:
+                    rows = hidden_states[start + lo - computed:start + hi -
+                                         computed]
+                    targets = torch.tensor(s.prompt_token_ids[lo + 1:hi + 1],
+                                           device=self.device)
+                    result[s.seq_id] = (lo + 1,
+                                        self._logprobs_in_slices(
+                                            rows, targets,
+                                            s.sampling_params.prompt_logprobs))
+            start += len(s.token_ids)
+        return result
+
+    def _logprobs_in_slices(self, hidden: torch.Tensor, targets: torch.Tensor,
+                            k: int | None) -> LogprobsTensors:
+        assert k is not None
+        vocab = self.model_config.vocab_size
+        step = max(1, _PROMPT_LOGITS_ELEMENTS // vocab)
+        parts = [
+            compute_topk_logprobs(self.model.compute_logits(hidden[i:i + step]),
+                                  targets[i:i + step], k)
+            for i in range(0, len(targets), step)
+        ]
+        return LogprobsTensors(
+            torch.cat([p.logprob_token_ids for p in parts]).cpu(),
+            torch.cat([p.logprobs for p in parts]).cpu(),
+            torch.cat([p.selected_token_ranks for p in parts]).cpu())
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:

@@ -78,10 +78,13 @@ class Worker:
         self,
         scheduled: list[ScheduledSequence],
         blocks_to_swap_out: list[tuple[int, int]] | None = None,
-        blocks_to_swap_in: list[tuple[int, int]] | None = None
+        blocks_to_swap_in: list[tuple[int, int]] | None = None,
+        blocks_to_copy: list[tuple[int, int]] | None = None
     ) -> ModelRunnerOutput:
         assert self.cache_engine is not None
-        # Swap-outs first: their device blocks may be reused by this step.
+        # Swap-outs first: their device blocks may be reused by this step;
+        # copy-on-write last: its source may be a block just swapped in.
         self.cache_engine.swap_out(blocks_to_swap_out or [])
         self.cache_engine.swap_in(blocks_to_swap_in or [])
+        self.cache_engine.copy_blocks(blocks_to_copy or [])
         return self.model_runner.execute_model(scheduled)
