@@ -71,6 +71,9 @@ class FakeEngine:
         out = self.scheduler.schedule()
         config = self.scheduler.config
         assert out.num_batched_tokens <= config.max_num_batched_tokens
+        # Every running sequence of a group computes the group's chunk.
+        assert sum(sg.token_chunk_size * len(sg.seq_group.get_unfinished_seqs())
+                   for sg in out.scheduled_seq_groups) == out.num_batched_tokens
         assert len(out.scheduled_seq_groups) <= config.max_num_seqs
         self.num_swapped_out += len(out.blocks_to_swap_out)
         self.num_swapped_in += len(out.blocks_to_swap_in)
@@ -136,13 +139,15 @@ class FakeEngine:
 
 
 def test_budget() -> None:
-    budget = SchedulingBudget(token_budget=10, max_num_seqs=2)
-    assert budget.can_schedule(num_new_tokens=10, num_new_seqs=1)
-    budget.add_num_batched_tokens(8)
-    budget.add_num_seqs(1)
-    assert not budget.can_schedule(num_new_tokens=3, num_new_seqs=1)
-    assert budget.can_schedule(num_new_tokens=2, num_new_seqs=1)
-    assert not budget.can_schedule(num_new_tokens=0, num_new_seqs=1)
+    budget = SchedulingBudget(token_budget=10, max_num_seqs=3)
+    assert budget.can_schedule(chunk_size=10, num_new_seqs=1)
+    assert not budget.can_schedule(chunk_size=6, num_new_seqs=2)
+    assert budget.chunk_size(100, num_seqs=3) == 3  # 3 sequences x 3 <= 10
+    budget.add(4, num_seqs=2)  # two sequences of 4 tokens: 8
+    assert not budget.can_schedule(chunk_size=3, num_new_seqs=1)
+    assert budget.can_schedule(chunk_size=2, num_new_seqs=1)
+    assert not budget.can_schedule(chunk_size=1, num_new_seqs=2)
+    assert not budget.can_schedule(chunk_size=0, num_new_seqs=1)
     assert budget.remaining_token_budget() == 2
 
 

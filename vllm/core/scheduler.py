@@ -35,18 +35,23 @@ class SchedulingBudget:
     num_batched_tokens: int = 0
     num_curr_seqs: int = 0
 
-    def can_schedule(self, *, num_new_tokens: int, num_new_seqs: int) -> bool:
-        return (num_new_tokens > 0 and self.num_batched_tokens + num_new_tokens
+    def chunk_size(self, num_uncomputed: int, num_seqs: int) -> int:
+        """Tokens each of a group's ``num_seqs`` sequences may compute: they
+        all compute the same chunk, so it must fit ``num_seqs`` times."""
+        return min(num_uncomputed, self.remaining_token_budget() // num_seqs)
+
+    def can_schedule(self, *, chunk_size: int, num_new_seqs: int) -> bool:
+        return (chunk_size > 0
+                and self.num_batched_tokens + chunk_size * num_new_seqs
                 <= self.token_budget
                 and self.num_curr_seqs + num_new_seqs <= self.max_num_seqs)
 
     def remaining_token_budget(self) -> int:
         return self.token_budget - self.num_batched_tokens
 
-    def add_num_batched_tokens(self, num_tokens: int) -> None:
-        self.num_batched_tokens += num_tokens
-
-    def add_num_seqs(self, num_seqs: int) -> None:
+    def add(self, chunk_size: int, num_seqs: int) -> None:
+        """Charge ``num_seqs`` sequences computing ``chunk_size`` tokens each."""
+        self.num_batched_tokens += chunk_size * num_seqs
         self.num_curr_seqs += num_seqs
 
 
@@ -215,9 +220,9 @@ class Scheduler:
             if id(seq_group) in preempted_ids:
                 continue
             num_seqs = len(seq_group.get_unfinished_seqs())
-            num_new_tokens = min(seq_group.num_uncomputed_tokens,
-                                 budget.remaining_token_budget())
-            if not budget.can_schedule(num_new_tokens=num_new_tokens,
+            num_new_tokens = budget.chunk_size(seq_group.num_uncomputed_tokens,
+                                               num_seqs)
+            if not budget.can_schedule(chunk_size=num_new_tokens,
                                        num_new_seqs=num_seqs):
                 continue
             while not self.block_manager.can_append_slots(
@@ -236,8 +241,7 @@ class Scheduler:
             else:
                 for seq in seq_group.get_unfinished_seqs():
                     self.block_manager.append_slots(seq, num_new_tokens)
-                budget.add_num_batched_tokens(num_new_tokens)
-                budget.add_num_seqs(num_seqs)
+                budget.add(num_new_tokens, num_seqs)
                 scheduled.append(
                     ScheduledSequenceGroup(seq_group, num_new_tokens))
                 scheduled_ids.add(id(seq_group))
@@ -289,9 +293,9 @@ class Scheduler:
         while self.swapped:
             seq_group = self.swapped[0]
             num_seqs = len(seq_group.get_unfinished_seqs())
-            num_new_tokens = min(seq_group.num_uncomputed_tokens,
-                                 budget.remaining_token_budget())
-            if not (budget.can_schedule(num_new_tokens=num_new_tokens,
+            num_new_tokens = budget.chunk_size(seq_group.num_uncomputed_tokens,
+                                               num_seqs)
+            if not (budget.can_schedule(chunk_size=num_new_tokens,
                                         num_new_seqs=num_seqs)
                     and self.block_manager.can_swap_in(seq_group)):
                 break
@@ -309,8 +313,7 @@ class Scheduler:
                 seq.status = SequenceStatus.RUNNING
                 self.block_manager.append_slots(seq, num_new_tokens)
             self.running.append(seq_group)
-            budget.add_num_batched_tokens(num_new_tokens)
-            budget.add_num_seqs(num_seqs)
+            budget.add(num_new_tokens, num_seqs)
             scheduled.append(ScheduledSequenceGroup(seq_group, num_new_tokens))
         return copies
 
@@ -324,12 +327,11 @@ class Scheduler:
             num_seqs = len(seq_group.get_unfinished_seqs())
             num_cached = self.block_manager.get_num_cached_tokens(seq_group)
             num_new_tokens = seq_group.num_uncomputed_tokens - num_cached
-            if (not self.config.enable_chunked_prefill
-                    and num_new_tokens > budget.remaining_token_budget()):
+            chunk = budget.chunk_size(num_new_tokens, num_seqs)
+            if not self.config.enable_chunked_prefill and chunk < num_new_tokens:
                 break
-            num_new_tokens = min(num_new_tokens,
-                                 budget.remaining_token_budget())
-            if not budget.can_schedule(num_new_tokens=num_new_tokens,
+            num_new_tokens = chunk
+            if not budget.can_schedule(chunk_size=num_new_tokens,
                                        num_new_seqs=num_seqs):
                 break
             status = self.block_manager.can_allocate(seq_group, num_new_tokens)
@@ -349,8 +351,7 @@ class Scheduler:
             for seq in seq_group.get_unfinished_seqs():
                 seq.status = SequenceStatus.RUNNING
             self.running.append(seq_group)
-            budget.add_num_batched_tokens(num_new_tokens)
-            budget.add_num_seqs(num_seqs)
+            budget.add(num_new_tokens, num_seqs)
             out.seq_groups.append(
                 ScheduledSequenceGroup(seq_group, num_new_tokens))
         return out
