@@ -78,8 +78,15 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     @property
-    def is_finished(self) -> bool:
-        return self.status.is_finished
+    def status(self) -> SequenceStatus:
+        return self._status
+
+    @status.setter
+    def status(self, status: SequenceStatus) -> None:
+        self._status = status
+        # A plain attribute: the scheduler asks this of every sequence several
+        # times per step, and enum hashing is slow in Python.
+        self.is_finished = status.is_finished
 
     def uncomputed_token_ids(self, num_tokens: int) -> list[int]:
         """The next ``num_tokens`` tokens whose K/V are not yet cached."""
@@ -201,6 +208,8 @@ class SequenceGroup:
         Before a fork, that is the leader only: the others hold no blocks
         and are not scheduled yet.
         """
+        if len(self.seqs) == 1:  # the common case, kept cheap
+            return [] if self.seqs[0].is_finished else self.seqs
         unfinished = [seq for seq in self.seqs if not seq.is_finished]
         return unfinished[:1] if self.fork_pending else unfinished
 
@@ -246,6 +255,8 @@ class SequenceGroup:
         return unfinished
 
     def is_finished(self) -> bool:
+        if len(self.seqs) == 1:
+            return self.seqs[0].is_finished
         return all(seq.is_finished for seq in self.seqs)
 
     def __repr__(self) -> str:

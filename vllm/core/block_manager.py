@@ -287,6 +287,10 @@ class BlockManager:
     def _num_copies_on_write(self, seqs: list[Sequence]) -> int:
         """Blocks that appending to ``seqs`` copies: every writer of a shared
         block gets a copy, except the last one when no one else holds it."""
+        if len(seqs) == 1:  # the common case: a copy iff the block is shared
+            block = self._write_block(seqs[0])
+            return int(block is not None
+                       and self.allocator.ref_count(block) > 1)
         writers = Counter(
             block for block in map(self._write_block, seqs)
             if block is not None and self.allocator.ref_count(block) > 1)
