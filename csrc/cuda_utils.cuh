@@ -6,7 +6,7 @@
 
 #include <c10/core/ScalarType.h>
 #include <c10/macros/Macros.h>
-#include <c10/util/Exception.h>
+#include "check.h"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -38,7 +38,7 @@ namespace vllm {
       break;                                                               \
     }                                                                      \
     default:                                                               \
-      TORCH_CHECK(false, OP_NAME, ": unsupported dtype ", DTYPE,           \
+      VLLM_CHECK(false, OP_NAME, ": unsupported dtype ", DTYPE,           \
                   "; expected float32, float16 or bfloat16");              \
   }
 

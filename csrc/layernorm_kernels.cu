@@ -124,29 +124,29 @@ inline int64_t check_norm_args(const char* op, const at::Tensor& a,
   check_same_device(b, a, op, b_name);
   check_same_device(weight, a, op, "weight");
   const auto dtype = a.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf ||
+  VLLM_CHECK(dtype == at::kFloat || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
               op, ": unsupported dtype ", dtype,
               "; expected float32, float16 or bfloat16");
   check_dtype(b, dtype, op, b_name);
   check_dtype(weight, dtype, op, "weight");
-  TORCH_CHECK(a.dim() == 2 || a.dim() == 3, op, ": ", a_name,
+  VLLM_CHECK(a.dim() == 2 || a.dim() == 3, op, ": ", a_name,
               " must be [num_tokens, hidden] or [A, B, hidden], got shape ",
               a.sizes());
-  TORCH_CHECK(b.sizes() == a.sizes(), op, ": ", b_name, " shape ", b.sizes(),
+  VLLM_CHECK(b.sizes() == a.sizes(), op, ": ", b_name, " shape ", b.sizes(),
               " differs from ", a_name, " shape ", a.sizes());
-  TORCH_CHECK(a.stride(-1) == 1 && b.stride(-1) == 1, op, ": ", a_name,
+  VLLM_CHECK(a.stride(-1) == 1 && b.stride(-1) == 1, op, ": ", a_name,
               " and ", b_name, " must be contiguous in their last dim, got "
               "strides ", a.strides(), " and ", b.strides());
   const int64_t d = a.size(-1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d &&
+  VLLM_CHECK(weight.dim() == 1 && weight.size(0) == d &&
                   weight.is_contiguous(),
               op, ": weight must be a contiguous [", d, "] tensor, got shape ",
               weight.sizes());
-  TORCH_CHECK(d > 0 && d <= std::numeric_limits<int32_t>::max(), op,
+  VLLM_CHECK(d > 0 && d <= std::numeric_limits<int32_t>::max(), op,
               ": bad hidden size ", d);
   const int64_t rows = a.numel() / d;
-  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op,
+  VLLM_CHECK(rows <= std::numeric_limits<int32_t>::max(), op,
               ": too many rows (", rows, ")");
   return rows;
 }

@@ -12,26 +12,28 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include "check.h"
+
 #include <algorithm>
 #include <cstdint>
 
 namespace vllm {
 
 inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ",
+  VLLM_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ",
               t.device());
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref,
                               const char* op, const char* name) {
   check_cuda(t, op, name);
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ",
+  VLLM_CHECK(t.device() == ref.device(), op, ": ", name, " is on ",
               t.device(), " but the other tensors are on ", ref.device());
 }
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType dtype,
                         const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype,
+  VLLM_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype,
               ", got ", t.scalar_type());
 }
 
