@@ -17,12 +17,11 @@ the bytes each op must read and write once. Needs a CUDA GPU and vllm._C
 (pip install --no-build-isolation -e .).
 """
 import argparse
-import statistics
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from kernel_bench_utils import require_kernels, time_op
 
 from vllm import _custom_ops as ops
 from vllm.model_executor.layers.activation import SiluAndMul
@@ -44,22 +43,6 @@ MODELS = [
     Model("Qwen3-0.6B", 1024, 16, 8, 128, 3072),
     Model("Llama-3-8B", 4096, 32, 8, 128, 14336),
 ]
-
-
-def time_op(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median time of fn() in microseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def bench_model(model: Model, num_tokens: int, dtype: torch.dtype, warmup: int,
@@ -123,13 +106,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=100)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmark_layernorm_rope_act: needs a CUDA GPU "
-                 "(torch.cuda.is_available() is False).")
-    if not ops.HAS_C:
-        sys.exit("benchmark_layernorm_rope_act: vllm._C is not built; run "
-                 "`pip install --no-build-isolation -e .` with a CUDA torch "
-                 "and nvcc.")
+    require_kernels("benchmark_layernorm_rope_act")
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
           f"{args.dtype}, median of {args.repeats} after {args.warmup} "

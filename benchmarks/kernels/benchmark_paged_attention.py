@@ -23,13 +23,11 @@ The kernel's output is checked against the reference (relative error).
 Needs a CUDA GPU and vllm._C (pip install --no-build-isolation -e .).
 """
 import argparse
-import statistics
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kernel_bench_utils import require_kernels, time_op
 
 from vllm import _custom_ops as ops
 from vllm.attention.backends.torch_sdpa import gather_context
@@ -52,26 +50,6 @@ CASES = [
     Case("  same, max_seq_len=4096 (graphs)", 256, 16, 8, 128, 900, 1100, 4096),
     Case("Llama-3-8B, batch 1, ctx 4096", 1, 32, 8, 128, 4096, 4096),
 ]
-
-
-def time_op(fn: Callable[[], object], warmup: int, repeats: int,
-            flush: bool) -> float:
-    """Median time of fn() in microseconds."""
-    scratch = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if flush:
-            scratch.zero_()  # evict the KV cache from L2
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def run_case(case: Case, dtype: torch.dtype, block_size: int, warmup: int,
@@ -156,13 +134,7 @@ def main() -> None:
                         action="store_true",
                         help="do not flush L2 before each timed call")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmark_paged_attention: needs a CUDA GPU "
-                 "(torch.cuda.is_available() is False).")
-    if not ops.HAS_C:
-        sys.exit("benchmark_paged_attention: vllm._C is not built; run "
-                 "`pip install --no-build-isolation -e .` with a CUDA torch "
-                 "and nvcc.")
+    require_kernels("benchmark_paged_attention")
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
           f"{args.dtype}, block size {args.block_size}, median of "

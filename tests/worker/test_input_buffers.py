@@ -50,8 +50,7 @@ def test_padded_decode_batch() -> None:
     assert md.seq_lens.tolist() == [1, 5, 10, 1]
     assert md.block_tables[3, 0] == 9
     assert md.query_start_loc.tolist() == [0, 1, 2, 3, 4]
-    assert (md.num_actual_tokens, md.num_decodes, md.max_seq_len) == (4, 4,
-                                                                      16)
+    assert (md.num_actual_tokens, md.num_decodes, md.max_seq_len) == (4, 4, 16)
     assert logits_indices.tolist() == [0, 1, 2]
 
 

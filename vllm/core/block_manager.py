@@ -481,15 +481,6 @@ class SmartBlockAllocator(BlockManager):
                 cdiv(total, self.block_size) - len(seq.block_table))
             for seq, total in self._predictions.values() if seq.block_table)
 
-    def _blocks_to_hold(self, seq_group: SequenceGroup) -> int:
-        """Blocks that all of a waiting group's tokens take, counting the
-        blocks its sequences will share after a fork once."""
-        seqs = [seq for seq in seq_group.seqs if not seq.is_finished]
-        num_tokens = seqs[
-            0].num_tokens  # the group's sequences advance together
-        shared = (seq_group.fork_at or 0) // self.block_size
-        return shared + len(seqs) * (cdiv(num_tokens, self.block_size) - shared)
-
     def can_allocate(self, seq_group: SequenceGroup,
                      num_new_tokens: int) -> AllocStatus:
         status = super().can_allocate(seq_group, num_new_tokens)
