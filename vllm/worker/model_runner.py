@@ -163,6 +163,8 @@ class ModelRunner:
         holds [T, V] logits at once.
         """
         result: PromptLogprobsBySeq = {}
+        if all(s.prompt_logprobs_from is None for s in seqs):
+            return result  # the common case, kept off the per-step path
         start = 0  # the sequence's first row in hidden_states
         for s in seqs:
             first_token = s.prompt_logprobs_from
