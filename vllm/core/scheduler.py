@@ -141,9 +141,11 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutputs:
         self.num_steps += 1
+        caching = self.block_manager.enable_caching
         for seq_group in self.running:
-            for seq in seq_group.get_unfinished_seqs():
-                self.block_manager.register_computed_blocks(seq)
+            if caching:
+                for seq in seq_group.get_unfinished_seqs():
+                    self.block_manager.register_computed_blocks(seq)
             # NOTE: running groups only: a group reaches the fork point in a
             # step, and is forked here before it can be preempted or swapped.
             if seq_group.fork_pending and seq_group.num_uncomputed_tokens == 0:
@@ -219,7 +221,8 @@ class Scheduler:
         for seq_group in order:
             if id(seq_group) in preempted_ids:
                 continue
-            num_seqs = len(seq_group.get_unfinished_seqs())
+            seqs = seq_group.get_unfinished_seqs()
+            num_seqs = len(seqs)
             num_new_tokens = budget.chunk_size(seq_group.num_uncomputed_tokens,
                                                num_seqs)
             if not budget.can_schedule(chunk_size=num_new_tokens,
@@ -239,7 +242,7 @@ class Scheduler:
                 if victim is seq_group:
                     break
             else:
-                for seq in seq_group.get_unfinished_seqs():
+                for seq in seqs:
                     self.block_manager.append_slots(seq, num_new_tokens)
                 budget.add(num_new_tokens, num_seqs)
                 scheduled.append(

@@ -50,6 +50,7 @@ class InputBuffers:
         self.seq_lens = _Field((max_seqs, ), torch.int32, device)
         self.block_tables = _Field((max_seqs, max_blocks), torch.int32, device)
         self.logits_indices = _Field((max_seqs, ), torch.int64, device)
+        self._columns = np.arange(max_blocks)
         self.pad_block = 0  # set by the model runner once the cache exists
 
     def prepare(
@@ -83,15 +84,13 @@ class InputBuffers:
         self.input_ids.np[:num_tokens] = np.fromiter(
             itertools.chain.from_iterable(token_ids), np.int64, num_tokens)
 
-        # Block tables: one flat pass over all of them, scattered into rows.
+        # Block tables: one flat pass over all of them, written through a
+        # row-major mask (entry j of row i for j < len(table i): flat order).
         table_lens = np.fromiter(map(len, block_tables), np.int64, n)
         flat = np.fromiter(itertools.chain.from_iterable(block_tables),
                            np.int32, int(table_lens.sum()))
-        table_rows = np.repeat(np.arange(n), table_lens)
-        table_starts = np.cumsum(table_lens) - table_lens
-        table_cols = np.arange(len(flat)) - np.repeat(table_starts, table_lens)
         tables = self.block_tables.np
-        tables[table_rows, table_cols] = flat
+        tables[:n][self._columns[None, :] < table_lens[:, None]] = flat
 
         # Token t of sequence i sits at position computed[i] + (t - start_i).
         seq_of_token = np.repeat(np.arange(n), q_lens)
