@@ -61,29 +61,25 @@ template <typename Act>
 void act_and_mul(const char* op, at::Tensor& out, const at::Tensor& input) {
   check_cuda(input, op, "input");
   check_same_device(out, input, op, "out");
-  const auto dtype = input.scalar_type();
-  VLLM_CHECK(dtype == at::kFloat || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": unsupported dtype ", dtype,
-              "; expected float32, float16 or bfloat16");
+  const auto dtype = vllm::check_float_dtype(input, op, "input");
   check_dtype(out, dtype, op, "out");
   VLLM_CHECK(input.dim() == 2 && out.dim() == 2, op,
-              ": input must be [num_tokens, 2 * d] and out [num_tokens, d], "
-              "got shapes ",
-              input.sizes(), " and ", out.sizes());
+             ": input must be [num_tokens, 2 * d] and out [num_tokens, d], "
+             "got shapes ",
+             input.sizes(), " and ", out.sizes());
   const int64_t rows = input.size(0);
   const int64_t d = out.size(1);
   VLLM_CHECK(out.size(0) == rows && input.size(1) == 2 * d, op,
-              ": input must be [num_tokens, 2 * d] and out [num_tokens, d], "
-              "got shapes ",
-              input.sizes(), " and ", out.sizes());
+             ": input must be [num_tokens, 2 * d] and out [num_tokens, d], "
+             "got shapes ",
+             input.sizes(), " and ", out.sizes());
   VLLM_CHECK(input.stride(1) == 1 && out.stride(1) == 1, op,
-              ": input and out must be contiguous in their last dim, got "
-              "strides ",
-              input.strides(), " and ", out.strides());
+             ": input and out must be contiguous in their last dim, got "
+             "strides ",
+             input.strides(), " and ", out.strides());
   VLLM_CHECK(rows <= std::numeric_limits<int32_t>::max() &&
-                  d <= std::numeric_limits<int32_t>::max() / 2,
-              op, ": tensors too large");
+                 d <= std::numeric_limits<int32_t>::max() / 2,
+             op, ": tensors too large");
   if (rows == 0 || d == 0) return;
 
   const c10::cuda::CUDAGuard device_guard(input.device());

@@ -72,48 +72,44 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
   vllm::check_same_device(key_cache, key, op, "key_cache");
   vllm::check_same_device(value_cache, key, op, "value_cache");
   vllm::check_same_device(slot_mapping, key, op, "slot_mapping");
-  const auto dtype = key.scalar_type();
-  VLLM_CHECK(dtype == at::kFloat || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": unsupported dtype ", dtype,
-              "; expected float32, float16 or bfloat16");
+  const auto dtype = vllm::check_float_dtype(key, op, "key");
   vllm::check_dtype(value, dtype, op, "value");
   vllm::check_dtype(key_cache, dtype, op, "key_cache");
   vllm::check_dtype(value_cache, dtype, op, "value_cache");
   vllm::check_dtype(slot_mapping, at::kLong, op, "slot_mapping");
 
   VLLM_CHECK(key_cache.dim() == 4, op,
-              ": key_cache must be [num_blocks, block_size, num_kv_heads, "
-              "head_size], got shape ",
-              key_cache.sizes());
+             ": key_cache must be [num_blocks, block_size, num_kv_heads, "
+             "head_size], got shape ",
+             key_cache.sizes());
   VLLM_CHECK(value_cache.sizes() == key_cache.sizes(), op,
-              ": value_cache shape ", value_cache.sizes(),
-              " differs from key_cache shape ", key_cache.sizes());
+             ": value_cache shape ", value_cache.sizes(),
+             " differs from key_cache shape ", key_cache.sizes());
   VLLM_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), op,
-              ": key_cache and value_cache must be contiguous");
+             ": key_cache and value_cache must be contiguous");
   const int64_t num_kv_heads = key_cache.size(2);
   const int64_t head_size = key_cache.size(3);
   VLLM_CHECK(slot_mapping.dim() == 1 && slot_mapping.is_contiguous(), op,
-              ": slot_mapping must be a contiguous 1-D tensor, got shape ",
-              slot_mapping.sizes());
+             ": slot_mapping must be a contiguous 1-D tensor, got shape ",
+             slot_mapping.sizes());
   const int64_t num_tokens = slot_mapping.size(0);
   const auto check_rows = [&](const at::Tensor& t, const char* name) {
     VLLM_CHECK(t.dim() == 3 && t.size(0) == num_tokens &&
-                    t.size(1) == num_kv_heads && t.size(2) == head_size,
-                op, ": ", name, " must be [num_tokens=", num_tokens,
-                ", num_kv_heads=", num_kv_heads, ", head_size=", head_size,
-                "] like the cache and slot_mapping, got shape ", t.sizes());
+                   t.size(1) == num_kv_heads && t.size(2) == head_size,
+               op, ": ", name, " must be [num_tokens=", num_tokens,
+               ", num_kv_heads=", num_kv_heads, ", head_size=", head_size,
+               "] like the cache and slot_mapping, got shape ", t.sizes());
     // Heads and head dims of one token must be contiguous; tokens may be
     // strided (e.g. slices of a fused qkv projection).
     VLLM_CHECK(t.stride(2) == 1 && t.stride(1) == head_size, op, ": ", name,
-                " must be contiguous within a token (strides [*, ",
-                head_size, ", 1]), got strides ", t.strides());
+               " must be contiguous within a token (strides [*, ",
+               head_size, ", 1]), got strides ", t.strides());
   };
   check_rows(key, "key");
   check_rows(value, "value");
   if (num_tokens == 0) return;
   VLLM_CHECK(num_tokens <= std::numeric_limits<int32_t>::max(), op,
-              ": too many tokens");
+             ": too many tokens");
 
   const c10::cuda::CUDAGuard device_guard(key.device());
   const int64_t esize = key.element_size();

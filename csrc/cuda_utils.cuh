@@ -39,7 +39,7 @@ namespace vllm {
     }                                                                      \
     default:                                                               \
       VLLM_CHECK(false, OP_NAME, ": unsupported dtype ", DTYPE,           \
-                  "; expected float32, float16 or bfloat16");              \
+                 "; expected float32, float16 or bfloat16");               \
   }
 
 // ------------------------------------------------------------ conversions

@@ -123,31 +123,27 @@ inline int64_t check_norm_args(const char* op, const at::Tensor& a,
   check_cuda(a, op, a_name);
   check_same_device(b, a, op, b_name);
   check_same_device(weight, a, op, "weight");
-  const auto dtype = a.scalar_type();
-  VLLM_CHECK(dtype == at::kFloat || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": unsupported dtype ", dtype,
-              "; expected float32, float16 or bfloat16");
+  const auto dtype = check_float_dtype(a, op, a_name);
   check_dtype(b, dtype, op, b_name);
   check_dtype(weight, dtype, op, "weight");
   VLLM_CHECK(a.dim() == 2 || a.dim() == 3, op, ": ", a_name,
-              " must be [num_tokens, hidden] or [A, B, hidden], got shape ",
-              a.sizes());
+             " must be [num_tokens, hidden] or [A, B, hidden], got shape ",
+             a.sizes());
   VLLM_CHECK(b.sizes() == a.sizes(), op, ": ", b_name, " shape ", b.sizes(),
-              " differs from ", a_name, " shape ", a.sizes());
+             " differs from ", a_name, " shape ", a.sizes());
   VLLM_CHECK(a.stride(-1) == 1 && b.stride(-1) == 1, op, ": ", a_name,
-              " and ", b_name, " must be contiguous in their last dim, got "
-              "strides ", a.strides(), " and ", b.strides());
+             " and ", b_name, " must be contiguous in their last dim, got "
+             "strides ", a.strides(), " and ", b.strides());
   const int64_t d = a.size(-1);
   VLLM_CHECK(weight.dim() == 1 && weight.size(0) == d &&
-                  weight.is_contiguous(),
-              op, ": weight must be a contiguous [", d, "] tensor, got shape ",
-              weight.sizes());
+                 weight.is_contiguous(),
+             op, ": weight must be a contiguous [", d, "] tensor, got shape ",
+             weight.sizes());
   VLLM_CHECK(d > 0 && d <= std::numeric_limits<int32_t>::max(), op,
-              ": bad hidden size ", d);
+             ": bad hidden size ", d);
   const int64_t rows = a.numel() / d;
   VLLM_CHECK(rows <= std::numeric_limits<int32_t>::max(), op,
-              ": too many rows (", rows, ")");
+             ": too many rows (", rows, ")");
   return rows;
 }
 

@@ -74,23 +74,23 @@ __global__ void rotary_embedding_kernel(
 inline int64_t heads_of(const at::Tensor& t, int64_t num_tokens,
                         int64_t head_size, const char* op, const char* name) {
   VLLM_CHECK(t.dim() == 2 || t.dim() == 3, op, ": ", name,
-              " must be [num_tokens, heads * head_size] or [num_tokens, "
-              "heads, head_size], got shape ",
-              t.sizes());
+             " must be [num_tokens, heads * head_size] or [num_tokens, "
+             "heads, head_size], got shape ",
+             t.sizes());
   VLLM_CHECK(t.size(0) == num_tokens, op, ": ", name, " has ", t.size(0),
-              " tokens but positions has ", num_tokens);
+             " tokens but positions has ", num_tokens);
   const int64_t width = t.numel() / std::max<int64_t>(num_tokens, 1);
   VLLM_CHECK(num_tokens == 0 || width % head_size == 0, op, ": ", name,
-              " row of ", width, " elements is not a whole number of heads "
-              "of size ", head_size);
+             " row of ", width, " elements is not a whole number of heads "
+             "of size ", head_size);
   const bool row_contiguous =
       t.stride(-1) == 1 && (t.dim() == 2 || t.stride(1) == t.size(2));
   VLLM_CHECK(row_contiguous, op, ": ", name,
-              " must be contiguous within a token, got strides ",
-              t.strides());
+             " must be contiguous within a token, got strides ",
+             t.strides());
   if (t.dim() == 3) {
     VLLM_CHECK(t.size(2) == head_size, op, ": ", name, " head size ",
-                t.size(2), " differs from head_size ", head_size);
+               t.size(2), " differs from head_size ", head_size);
   }
   return width / head_size;
 }
@@ -104,29 +104,25 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
   vllm::check_cuda(query, op, "query");
   vllm::check_same_device(positions, query, op, "positions");
   vllm::check_same_device(cos_sin_cache, query, op, "cos_sin_cache");
-  const auto dtype = query.scalar_type();
-  VLLM_CHECK(dtype == at::kFloat || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": unsupported dtype ", dtype,
-              "; expected float32, float16 or bfloat16");
+  const auto dtype = vllm::check_float_dtype(query, op, "query");
   vllm::check_dtype(positions, at::kLong, op, "positions");
   VLLM_CHECK(positions.dim() == 1 && positions.is_contiguous(), op,
-              ": positions must be a contiguous 1-D tensor (flatten it), got "
-              "shape ",
-              positions.sizes());
+             ": positions must be a contiguous 1-D tensor (flatten it), got "
+             "shape ",
+             positions.sizes());
   const auto cache_dtype = cos_sin_cache.scalar_type();
   VLLM_CHECK(cache_dtype == at::kFloat || cache_dtype == dtype, op,
-              ": cos_sin_cache must be float32 or ", dtype, ", got ",
-              cache_dtype);
+             ": cos_sin_cache must be float32 or ", dtype, ", got ",
+             cache_dtype);
   VLLM_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.is_contiguous(), op,
-              ": cos_sin_cache must be a contiguous [max_position, rot_dim] "
-              "tensor, got shape ",
-              cos_sin_cache.sizes());
+             ": cos_sin_cache must be a contiguous [max_position, rot_dim] "
+             "tensor, got shape ",
+             cos_sin_cache.sizes());
   const int64_t rot_dim = cos_sin_cache.size(1);
   VLLM_CHECK(head_size > 0 && rot_dim > 0 && rot_dim % 2 == 0 &&
-                  rot_dim <= head_size,
-              op, ": rot_dim (", rot_dim,
-              ") must be even and at most head_size (", head_size, ")");
+                 rot_dim <= head_size,
+             op, ": rot_dim (", rot_dim,
+             ") must be even and at most head_size (", head_size, ")");
 
   const int64_t num_tokens = positions.size(0);
   const int64_t num_heads =
@@ -139,8 +135,8 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
   }
   if (num_tokens == 0) return;
   VLLM_CHECK(num_tokens <= std::numeric_limits<int32_t>::max() &&
-                  num_heads * head_size <= std::numeric_limits<int32_t>::max(),
-              op, ": tensors too large");
+                 num_heads * head_size <= std::numeric_limits<int32_t>::max(),
+             op, ": tensors too large");
 
   const c10::cuda::CUDAGuard device_guard(query.device());
   const dim3 grid(static_cast<unsigned>(num_tokens));

@@ -21,20 +21,31 @@ namespace vllm {
 
 inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   VLLM_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ",
-              t.device());
+             t.device());
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref,
                               const char* op, const char* name) {
   check_cuda(t, op, name);
   VLLM_CHECK(t.device() == ref.device(), op, ": ", name, " is on ",
-              t.device(), " but the other tensors are on ", ref.device());
+             t.device(), " but the other tensors are on ", ref.device());
 }
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType dtype,
                         const char* op, const char* name) {
   VLLM_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype,
-              ", got ", t.scalar_type());
+             ", got ", t.scalar_type());
+}
+
+// The dtype of `t`, which every kernel supports: float32, float16, bfloat16.
+inline at::ScalarType check_float_dtype(const at::Tensor& t, const char* op,
+                                        const char* name) {
+  const auto dtype = t.scalar_type();
+  VLLM_CHECK(dtype == at::kFloat || dtype == at::kHalf ||
+                dtype == at::kBFloat16,
+             op, ": ", name, " has unsupported dtype ", dtype,
+             "; expected float32, float16 or bfloat16");
+  return dtype;
 }
 
 inline bool is_aligned16(const void* ptr) {

@@ -68,11 +68,7 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query,
   vllm::check_same_device(value_cache, query, op, "value_cache");
   vllm::check_same_device(block_tables, query, op, "block_tables");
   vllm::check_same_device(seq_lens, query, op, "seq_lens");
-  const auto dtype = query.scalar_type();
-  VLLM_CHECK(dtype == at::kFloat || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": unsupported dtype ", dtype,
-              "; expected float32, float16 or bfloat16");
+  const auto dtype = vllm::check_float_dtype(query, op, "query");
   vllm::check_dtype(out, dtype, op, "out");
   vllm::check_dtype(key_cache, dtype, op, "key_cache");
   vllm::check_dtype(value_cache, dtype, op, "value_cache");
@@ -80,56 +76,56 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query,
   vllm::check_dtype(seq_lens, at::kInt, op, "seq_lens");
 
   VLLM_CHECK(query.dim() == 3, op,
-              ": query must be [num_seqs, num_heads, head_size], got shape ",
-              query.sizes());
+             ": query must be [num_seqs, num_heads, head_size], got shape ",
+             query.sizes());
   const int64_t num_seqs = query.size(0);
   const int64_t num_heads = query.size(1);
   const int64_t head_size = query.size(2);
   VLLM_CHECK(out.sizes() == query.sizes(), op, ": out shape ", out.sizes(),
-              " differs from query shape ", query.sizes());
+             " differs from query shape ", query.sizes());
   VLLM_CHECK(out.stride(2) == 1, op,
-              ": out must be contiguous in its last dim, got strides ",
-              out.strides());
+             ": out must be contiguous in its last dim, got strides ",
+             out.strides());
   VLLM_CHECK(key_cache.dim() == 4, op,
-              ": key_cache must be [num_blocks, block_size, num_kv_heads, "
-              "head_size], got shape ",
-              key_cache.sizes());
+             ": key_cache must be [num_blocks, block_size, num_kv_heads, "
+             "head_size], got shape ",
+             key_cache.sizes());
   VLLM_CHECK(value_cache.sizes() == key_cache.sizes(), op,
-              ": value_cache shape ", value_cache.sizes(),
-              " differs from key_cache shape ", key_cache.sizes());
+             ": value_cache shape ", value_cache.sizes(),
+             " differs from key_cache shape ", key_cache.sizes());
   VLLM_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), op,
-              ": key_cache and value_cache must be contiguous");
+             ": key_cache and value_cache must be contiguous");
   VLLM_CHECK(vllm::is_aligned16(key_cache.data_ptr()) &&
-                  vllm::is_aligned16(value_cache.data_ptr()),
-              op, ": key_cache and value_cache must be 16-byte aligned");
+                 vllm::is_aligned16(value_cache.data_ptr()),
+             op, ": key_cache and value_cache must be 16-byte aligned");
   const int64_t block_size = key_cache.size(1);
   const int64_t num_kv_heads = key_cache.size(2);
   VLLM_CHECK(key_cache.size(3) == head_size, op, ": cache head size ",
-              key_cache.size(3), " differs from the query's ", head_size);
+             key_cache.size(3), " differs from the query's ", head_size);
   VLLM_CHECK(head_size == 64 || head_size == 80 || head_size == 96 ||
-                  head_size == 128 || head_size == 256,
-              op, ": head size ", head_size,
-              " is not supported (supported: 64, 80, 96, 128, 256)");
+                 head_size == 128 || head_size == 256,
+             op, ": head size ", head_size,
+             " is not supported (supported: 64, 80, 96, 128, 256)");
   VLLM_CHECK(block_size == 8 || block_size == 16 || block_size == 32, op,
-              ": block size ", block_size,
-              " is not supported (supported: 8, 16, 32)");
+             ": block size ", block_size,
+             " is not supported (supported: 8, 16, 32)");
   VLLM_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, op,
-              ": num_heads (", num_heads,
-              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+             ": num_heads (", num_heads,
+             ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
   VLLM_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_seqs &&
-                  block_tables.stride(1) == 1,
-              op, ": block_tables must be [num_seqs=", num_seqs,
-              ", max_blocks] with contiguous rows, got shape ",
-              block_tables.sizes(), " strides ", block_tables.strides());
+                 block_tables.stride(1) == 1,
+             op, ": block_tables must be [num_seqs=", num_seqs,
+             ", max_blocks] with contiguous rows, got shape ",
+             block_tables.sizes(), " strides ", block_tables.strides());
   VLLM_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == num_seqs &&
-                  seq_lens.is_contiguous(),
-              op, ": seq_lens must be a contiguous [num_seqs=", num_seqs,
-              "] tensor, got shape ", seq_lens.sizes());
+                 seq_lens.is_contiguous(),
+             op, ": seq_lens must be a contiguous [num_seqs=", num_seqs,
+             "] tensor, got shape ", seq_lens.sizes());
   VLLM_CHECK(max_seq_len >= 0, op, ": max_seq_len must be >= 0, got ",
-              max_seq_len);
+             max_seq_len);
   if (num_seqs == 0) return;
   VLLM_CHECK(num_seqs <= 65535, op, ": at most 65535 sequences, got ",
-              num_seqs);
+             num_seqs);
 
   const c10::cuda::CUDAGuard device_guard(query.device());
   // 16-byte query loads need an aligned, row-contiguous query; anything
@@ -147,7 +143,7 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query,
       std::max<int64_t>(1, (max_seq_len + partition_size - 1) / partition_size);
   // the reduce kernel keeps one float per partition in shared memory
   VLLM_CHECK(num_partitions <= 11 * 1024,
-              op, ": max_seq_len ", max_seq_len, " is too long");
+             op, ": max_seq_len ", max_seq_len, " is too long");
 
   Params params{};
   params.out = out.data_ptr();
