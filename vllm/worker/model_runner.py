@@ -74,6 +74,8 @@ class ModelRunner:
     def load_model(self) -> None:
         self.model = get_model(self.model_config,
                                self.vllm_config.device_config)
+        logger.info("Attention backend: %s",
+                    self.attention_layers()[0].backend.name)
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.model.modules() if isinstance(m, Attention)]
