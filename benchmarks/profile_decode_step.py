@@ -1,10 +1,15 @@
-"""Profile decode steps of workload W1: where the GPU time and the host time go.
+"""Profile decode steps of workload W1 or W2: where the GPU time and the host
+time go.
 
     python benchmarks/profile_decode_step.py --model benchmarks/configs/qwen3-0.6b \\
         --load-format dummy --max-model-len 4096 --dtype bfloat16
+    python benchmarks/profile_decode_step.py --workload w2 \\
+        --model benchmarks/configs/llama-3-8b --load-format dummy \\
+        --max-model-len 4096 --dtype bfloat16
 
-Adds W1's 256 requests, steps the engine until every prompt is prefilled (all
-256 sequences decoding), runs ``--warmup-steps`` more, then:
+Adds W1's 256 requests (``--workload w2``: one request of 128 random prompt
+ids, greedy), steps the engine until every prompt is prefilled (every
+sequence decoding), runs ``--warmup-steps`` more, then:
 
 1. ``torch.profiler`` over ``--steps`` decode steps: the top GPU kernels with
    their share of the GPU time, and the wall time per step (GPU busy time
@@ -18,6 +23,7 @@ import cProfile
 import dataclasses
 import io
 import pstats
+import random
 import sys
 import time
 from typing import Any
@@ -36,6 +42,18 @@ def build_engine(args: argparse.Namespace) -> Any:
     engine_args.skip_tokenizer_init = True
     llm = LLM(**dataclasses.asdict(engine_args))
     engine = llm.llm_engine
+    if args.workload == "w2":
+        # Enough tokens for every profiled step, as in benchmark_latency.
+        steps = 3 * args.steps + args.warmup_steps + 8
+        prompt = [random.Random(0).randrange(10_000) for _ in range(128)]
+        engine.add_request(
+            "0", {"prompt_token_ids": prompt},
+            SamplingParams(temperature=0.0,
+                           ignore_eos=True,
+                           max_tokens=steps,
+                           detokenize=False,
+                           output_kind=RequestOutputKind.FINAL_ONLY))
+        return engine
     for i, r in enumerate(w1_requests()):
         engine.add_request(
             str(i), {"prompt_token_ids": r.prompt_token_ids},
@@ -65,6 +83,7 @@ def timed_steps(engine: Any, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", choices=["w1", "w2"], default="w1")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--trace", default="decode_step_trace.json")

@@ -5,8 +5,8 @@
 #
 # Stages: install (build vllm._C), kernels (tests/kernels), tests (every test
 # marked cuda), w1-vllm, w1-hf (W1 throughput), w2-vllm, w2-hf (W2 latency),
-# profile (one W1 decode step: GPU kernels and host time), kernel-bench
-# (benchmarks/kernels/*.py), cpu-tests (the whole suite).
+# profile, profile-w2 (W1 / W2 decode steps: GPU kernels and host time),
+# kernel-bench (benchmarks/kernels/*.py), cpu-tests (the whole suite).
 # Logs and JSON results go to $OUT (default ./gpu_logs); a summary table is
 # printed last. Test models come from $VLLM_TEST_MODELS_DIR (default
 # ../shared/models). TORCH_CUDA_ARCH_LIST defaults to the local GPU's arch.
@@ -70,6 +70,9 @@ for stage in "${stages[@]}"; do
         profile) run profile profile.log python3 benchmarks/profile_decode_step.py \
             --model benchmarks/configs/qwen3-0.6b --load-format dummy --max-model-len 4096 \
             --dtype bfloat16 --trace "$OUT/decode_step_trace.json" ;;
+        profile-w2) run profile-w2 profile_w2.log python3 benchmarks/profile_decode_step.py \
+            --workload w2 --model benchmarks/configs/llama-3-8b --load-format dummy \
+            --max-model-len 4096 --dtype bfloat16 --trace "$OUT/decode_step_trace_w2.json" ;;
         kernel-bench)
             for f in benchmarks/kernels/benchmark_*.py; do
                 run "$(basename "$f" .py | sed 's/benchmark_//')" "$(basename "$f" .py).log" python3 "$f"

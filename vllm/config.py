@@ -122,6 +122,10 @@ class SchedulerConfig:
     # Priority policy: steps of waiting that improve a request's effective
     # priority by one (None: no aging).
     priority_aging_steps: int | None = 256
+    # Schedule and launch step N+1 before step N's sampled tokens reach the
+    # host, when no request of step N needs them on the host first
+    # (LLMEngine.step): the host work then overlaps the GPU's.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -15,6 +15,11 @@ from vllm.outputs import (Logprob, PromptLogprobs, RequestMetrics,
 from vllm.sampling_params import SamplingParams
 from vllm.transformers_utils.detokenizer import IncrementalDetokenizer
 
+# The last output token of a sequence while the step that samples it is still
+# on the device (LLMEngine.step schedules the next step before it arrives); the
+# model runner reads that token from the device.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()

@@ -38,7 +38,7 @@ inline int group_tile_for(int queries_per_kv) {
   return tile;
 }
 
-// The largest partition size (512, 256, 128) whose grid still gives every SM
+// The largest partition size (512 ... 64) whose grid still gives every SM
 // two CTAs; long contexts of few sequences get more, shorter partitions.
 inline int partition_size_for(int64_t ctas_per_partition, int64_t max_seq_len) {
   const int64_t target = 2 * static_cast<int64_t>(sm_count());

@@ -14,10 +14,12 @@ namespace decode {
 
 constexpr int kNumThreads = 128;  // threads per CTA of both kernels
 constexpr int kNumWarps = kNumThreads / 32;
-// Context tokens one CTA attends over: 512, or 256 / 128 when the grid would
-// otherwise leave SMs idle (few sequences, long contexts).
+// Context tokens one CTA attends over: 512, or down to 64 when the grid would
+// otherwise leave SMs idle (few sequences). At batch 1 under a CUDA graph the
+// grid is sized for the capture limit, and a short context is then spread
+// over a few CTAs of 64 tokens: a shorter serial chain for each.
 constexpr int kMaxPartitionSize = 512;
-constexpr int kMinPartitionSize = 128;
+constexpr int kMinPartitionSize = 64;
 constexpr int kMinBlockSize = 8;
 // Query heads per CTA; more queries per kv head use several CTAs.
 constexpr int kMaxGroup = 8;

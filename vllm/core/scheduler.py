@@ -14,6 +14,7 @@ the last token, then the others fork its blocks (copy-on-write).
 serves lower ``priority`` values first and lets urgent requests preempt others.
 """
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vllm.config import SchedulerConfig
@@ -106,6 +107,8 @@ class Scheduler:
         self.num_cumulative_preemption = 0
         self.num_steps = 0
         self._pending_swap_out: list[tuple[int, int]] = []
+        # A preemption since the last free_finished_seq_groups.
+        self._preempted = False
 
     def add_seq_group(self, seq_group: SequenceGroup) -> None:
         seq_group.arrival_step = self.num_steps
@@ -130,14 +133,33 @@ class Scheduler:
         return aborted
 
     def free_finished_seq_groups(self) -> None:
-        """Release the blocks of finished sequences; drop finished requests."""
-        for seq_group in self.running:
+        """Release the blocks of finished sequences; drop finished requests.
+
+        After a preemption the waiting and swapped queues are searched too:
+        with async scheduling, a request preempted while its last step still
+        ran finishes there when that step's tokens arrive.
+        """
+        self._free_finished(self.running, swapped=False)
+        self.running = [g for g in self.running if not g.is_finished()]
+        if self._preempted:
+            self._preempted = False
+            for queue in (self.waiting, self.swapped):
+                for seq_group in self._free_finished(queue, swapped=True):
+                    queue.remove(seq_group)
+
+    def _free_finished(self, queue: Iterable[SequenceGroup],
+                       swapped: bool) -> list[SequenceGroup]:
+        """Free the finished sequences of ``queue`` (``swapped``: it may hold
+        CPU blocks, not in block_table); -> its finished groups."""
+        finished = []
+        for seq_group in queue:
             for seq in seq_group.seqs:
-                if seq.is_finished and seq.block_table:
+                if seq.is_finished and (seq.block_table or swapped):
                     self.block_manager.free(seq)
             if seq_group.is_finished():
                 self.block_manager.observe_finished(seq_group)
-        self.running = [g for g in self.running if not g.is_finished()]
+                finished.append(seq_group)
+        return finished
 
     def schedule(self) -> SchedulerOutputs:
         self.num_steps += 1
@@ -265,6 +287,7 @@ class Scheduler:
         """Evict a running request: swap its blocks to CPU when configured and
         possible, otherwise free them and recompute it later."""
         self.running.remove(seq_group)
+        self._preempted = True
         swap = (allow_swap and self.config.preemption_mode == "swap"
                 and self.block_manager.can_swap_out(seq_group))
         if swap:

@@ -55,6 +55,7 @@ class EngineArgs:
     priority_aging_steps: int | None = 256
     preemption_mode: str | None = None
     block_allocator: str = "plain"
+    async_scheduling: bool = True
     max_logprobs: int = 20
     enforce_eager: bool = False
     max_seq_len_to_capture: int = 8192
@@ -142,7 +143,8 @@ class EngineArgs:
             policy=self.scheduling_policy,  # type: ignore[arg-type]
             preemption_mode=self.preemption_mode  # type: ignore[arg-type]
             or "recompute",
-            priority_aging_steps=self.priority_aging_steps)
+            priority_aging_steps=self.priority_aging_steps,
+            async_scheduling=self.async_scheduling)
         return VllmConfig(model_config=model_config,
                           cache_config=cache_config,
                           scheduler_config=scheduler_config,

@@ -1,12 +1,25 @@
 """LLMEngine: requests in, one scheduled model step at a time, RequestOutputs out.
 
     add_request -> SequenceGroup -> scheduler.waiting
-    step():  scheduler.schedule() -> executor.execute_model() -> _process_outputs()
+    step():  scheduler.schedule() -> executor.execute_model() (launch)
+             [schedule and launch the next step: async scheduling]
+             -> wait for the sampled tokens -> _process_outputs()
              (append tokens, detokenize, check stops) -> free finished blocks
+
+Async scheduling (``async_scheduling=True``, the default): while step N runs
+on the device, the engine already schedules and launches step N+1, each
+sequence that samples in step N holding ``PLACEHOLDER_TOKEN_ID`` as its last
+token (the model runner reads the real one on the device). Host work then
+overlaps the GPU's. A sequence that stops at step N was computed once more in
+step N+1; that row is dropped. Steps whose requests need their sampled tokens
+on the host before the next step (penalties, min_tokens, bad words, logits
+processors, beam search, a pending fork, prompt logprobs) and prefix caching
+(block hashes read the tokens) run one at a time.
 """
 import itertools
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TypedDict
 
 import torch
@@ -15,7 +28,7 @@ from vllm.beam_search import Beam, BeamSearch
 from vllm.config import VllmConfig
 from vllm.core.block_manager import BlockManager, SmartBlockAllocator
 from vllm.core.scheduler import (PriorityScheduler, ScheduledSequenceGroup,
-                                 Scheduler)
+                                 Scheduler, SchedulerOutputs)
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.metrics import StatLogger
 from vllm.engine.stop_checker import StopChecker
@@ -26,15 +39,35 @@ from vllm.outputs import (CompletionOutput, Logprob, PromptLogprobs,
                           RequestOutput)
 from vllm.sampling_params import (BeamSearchParams, RequestOutputKind,
                                   SamplingParams)
-from vllm.sequence import (ScheduledSequence, Sequence, SequenceGroup,
-                           SequenceStatus)
+from vllm.sequence import (PLACEHOLDER_TOKEN_ID, ScheduledSequence, Sequence,
+                           SequenceGroup, SequenceStatus)
 from vllm.transformers_utils.config import get_generation_config
 from vllm.transformers_utils.detokenizer import IncrementalDetokenizer
 from vllm.transformers_utils.tokenizer import (AnyTokenizer, encode_prompt,
                                                get_tokenizer)
-from vllm.worker.model_runner import ModelRunnerOutput
+from vllm.worker.model_runner import ModelRunnerOutput, PendingOutput
 
 logger = init_logger(__name__)
+
+
+@dataclass
+class _LaunchedStep:
+    """A step on the device whose tokens the host has not processed yet."""
+    sched: SchedulerOutputs
+    scheduled: list[ScheduledSequence]
+    pending: PendingOutput
+    # Its sequences were advanced (computed tokens, placeholders) when the
+    # next step was scheduled.
+    advanced: bool = False
+
+
+def needs_host_tokens(params: SamplingParams) -> bool:
+    """Whether a request's next step needs the tokens sampled so far on the
+    host: the sampler reads them (penalties, min_tokens, bad words, logits
+    processors)."""
+    return bool(params.presence_penalty or params.frequency_penalty
+                or params.repetition_penalty != 1.0 or params.min_tokens
+                or params.bad_words or params.logits_processors)
 
 
 class TextPrompt(TypedDict):
@@ -79,6 +112,11 @@ class LLMEngine:
         self._returned: dict[int, tuple[int, int]] = {}
         # DELTA outputs: prompt logprobs already returned per request.
         self._returned_prompt_logprobs: dict[str, int] = {}
+        # Async scheduling: the step launched ahead, not yet processed.
+        self._in_flight: _LaunchedStep | None = None
+        self._async_scheduling = (
+            vllm_config.scheduler_config.async_scheduling
+            and not vllm_config.cache_config.enable_prefix_caching)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
@@ -310,29 +348,91 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return outputs of the requests it advanced."""
-        sched = self.scheduler.schedule()
-        outputs = [self._finish(g) for g in sched.ignored_seq_groups]
-        if sched.is_empty:
+        """Run one scheduled batch; return outputs of the requests it advanced.
+
+        With async scheduling the batch may have been launched by the last
+        call, and the next one is launched before this one is processed.
+        """
+        outputs: list[RequestOutput] = []
+        step = self._in_flight or self._launch(outputs)
+        self._in_flight = None
+        if step is None:
             return outputs
+        if self._can_run_ahead(step):
+            self._advance(step)
+            self._in_flight = self._launch(outputs)
+        result = step.pending.get()
+        # Requests that finished (or were aborted) after this step was
+        # launched: their rows are dropped, their outputs already returned.
+        live = [
+            sg for sg in step.sched.scheduled_seq_groups
+            if not sg.seq_group.is_finished()
+        ]
+        self._process_outputs(live, result, step.advanced)
+        self.scheduler.free_finished_seq_groups()
+        if self.stat_logger is not None:
+            self._log_stats(step.scheduled, len(result.sampled_token_ids))
+        for sg in live:
+            output = self._make_output(sg.seq_group)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _launch(self, outputs: list[RequestOutput]) -> _LaunchedStep | None:
+        """Schedule a step and queue it on the device; requests the
+        scheduler ignored go to ``outputs``."""
+        sched = self.scheduler.schedule()
+        outputs.extend(self._finish(g) for g in sched.ignored_seq_groups)
+        if sched.is_empty:
+            return None
         scheduled = [
             self._to_scheduled_sequence(seq, sg)
             for sg in sched.scheduled_seq_groups
             for seq in sg.seq_group.get_unfinished_seqs()
         ]
-        result = self.executor.execute_model(scheduled,
-                                             sched.blocks_to_swap_out,
-                                             sched.blocks_to_swap_in,
-                                             sched.blocks_to_copy)
-        self._process_outputs(sched.scheduled_seq_groups, result)
-        self.scheduler.free_finished_seq_groups()
-        if self.stat_logger is not None:
-            self._log_stats(scheduled, len(result.sampled_token_ids))
-        for sg in sched.scheduled_seq_groups:
-            output = self._make_output(sg.seq_group)
-            if output is not None:
-                outputs.append(output)
-        return outputs
+        pending = self.executor.execute_model(scheduled,
+                                              sched.blocks_to_swap_out,
+                                              sched.blocks_to_swap_in,
+                                              sched.blocks_to_copy)
+        return _LaunchedStep(sched, scheduled, pending)
+
+    def _can_run_ahead(self, step: _LaunchedStep) -> bool:
+        """Whether the next step may be scheduled before ``step``'s tokens
+        reach the host: none of its requests needs them there first, none
+        reaches max_model_len (the next step has no slot for it), and some
+        sequence goes on after it."""
+        if not (self._async_scheduling and step.pending.final_on_device):
+            return False
+        max_model_len = self.model_config.max_model_len
+        goes_on = False
+        for sg in step.sched.scheduled_seq_groups:
+            group = sg.seq_group
+            params = group.sampling_params
+            if (group.beam_search is not None or group.fork_pending
+                    or not group.prompt_logprobs_complete
+                    or needs_host_tokens(params)):
+                return False
+            for seq in group.get_unfinished_seqs():
+                if seq.num_computed_tokens + sg.token_chunk_size < \
+                        seq.num_tokens:
+                    goes_on = True  # a prompt chunk: samples nothing yet
+                elif seq.num_tokens + 1 >= max_model_len:
+                    return False
+                elif (params.max_tokens is None
+                      or len(seq.output_token_ids) + 1 < params.max_tokens):
+                    goes_on = True
+        return goes_on
+
+    @staticmethod
+    def _advance(step: _LaunchedStep) -> None:
+        """Account for ``step`` before its tokens arrive: its tokens are
+        computed, and each sequence that samples holds a placeholder."""
+        step.advanced = True
+        for sg in step.sched.scheduled_seq_groups:
+            for seq in sg.seq_group.get_unfinished_seqs():
+                seq.num_computed_tokens += sg.token_chunk_size
+                if seq.num_computed_tokens == seq.num_tokens:
+                    seq.output_token_ids.append(PLACEHOLDER_TOKEN_ID)
 
     def reset_prefix_cache(self) -> bool:
         """Forget all cached prefixes; refused (False) while requests run."""
@@ -382,8 +482,10 @@ class LLMEngine:
                                  prompt_logprobs_from=prompt_logprobs_from)
 
     def _process_outputs(self, scheduled: list[ScheduledSequenceGroup],
-                         result: ModelRunnerOutput) -> None:
-        """The one place where request state advances after a step."""
+                         result: ModelRunnerOutput, advanced: bool) -> None:
+        """The one place where request state advances after a step
+        (``advanced``: its computed tokens were counted when the next step
+        was scheduled, and its sampled tokens are placeholders)."""
         now = time.time()
         row_of = {seq_id: i for i, seq_id in enumerate(result.seq_ids)}
         for sg in scheduled:
@@ -393,19 +495,24 @@ class LLMEngine:
             if group.beam_search is not None:
                 self._advance_beams(group, sg.token_chunk_size, result, row_of)
             else:
-                self._advance_samples(group, sg.token_chunk_size, result,
-                                      row_of)
+                self._advance_samples(group,
+                                      0 if advanced else sg.token_chunk_size,
+                                      result, row_of, advanced)
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
             group.metrics.last_token_time = now
 
     def _advance_samples(self, group: SequenceGroup, chunk: int,
-                         result: ModelRunnerOutput, row_of: dict[int,
-                                                                 int]) -> None:
-        """Record prompt logprobs; append each sampled token, detokenize it
-        and check whether its sequence stops."""
+                         result: ModelRunnerOutput, row_of: dict[int, int],
+                         placeholders: bool) -> None:
+        """Record prompt logprobs; append each sampled token (in place of its
+        placeholder), detokenize it and check whether its sequence stops."""
         params = group.sampling_params
-        for seq in group.get_unfinished_seqs():
+        # With placeholders, every sequence that held one: a preemption
+        # since may have left only the leader scheduled (a fork pending).
+        seqs = ([seq for seq in group.seqs if not seq.is_finished]
+                if placeholders else group.get_unfinished_seqs())
+        for seq in seqs:
             seq.num_computed_tokens += chunk
             if seq.seq_id in result.prompt_logprobs:
                 self._record_prompt_logprobs(
@@ -418,6 +525,9 @@ class LLMEngine:
             if params.logprobs is not None and result.logprobs is not None:
                 logprobs = self._logprobs_of_row(result.logprobs, row,
                                                  params.logprobs)
+            if placeholders:
+                assert seq.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID
+                seq.output_token_ids.pop()
             seq.append_token(token_id, logprobs)
             stopped = self.stop_checker.check_stop_token(seq, params)
             new_chars = 0

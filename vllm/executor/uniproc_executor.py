@@ -4,7 +4,7 @@ from vllm.core.block_manager import cdiv
 from vllm.logger import init_logger
 from vllm.sequence import ScheduledSequence
 from vllm.worker.cache_engine import num_cpu_swap_blocks
-from vllm.worker.model_runner import ModelRunnerOutput
+from vllm.worker.model_runner import PendingOutput
 from vllm.worker.worker import Worker
 
 logger = init_logger(__name__)
@@ -51,11 +51,12 @@ class UniProcExecutor:
         return num_blocks
 
     def execute_model(
-        self,
-        scheduled: list[ScheduledSequence],
-        blocks_to_swap_out: list[tuple[int, int]] | None = None,
-        blocks_to_swap_in: list[tuple[int, int]] | None = None,
-        blocks_to_copy: list[tuple[int, int]] | None = None
-    ) -> ModelRunnerOutput:
+            self,
+            scheduled: list[ScheduledSequence],
+            blocks_to_swap_out: list[tuple[int, int]] | None = None,
+            blocks_to_swap_in: list[tuple[int, int]] | None = None,
+            blocks_to_copy: list[tuple[int, int]] | None = None
+    ) -> PendingOutput:
+        """Launch one step (see ``ModelRunner.execute_model``)."""
         return self.worker.execute_model(scheduled, blocks_to_swap_out,
                                          blocks_to_swap_in, blocks_to_copy)

@@ -4,6 +4,12 @@ tensor for each per-step input.
 Every step fills the host arrays with numpy (no per-step allocation, no pinned
 allocation) and sends each field with one non-blocking copy. CUDA graphs read the
 device tensors directly, so a graph replay needs no other copy.
+
+A step may be prepared while the previous one still runs on the device
+(``LLMEngine.step`` schedules ahead): its copies may not have read the host
+arrays yet, so ``prepare`` first waits for them (an event recorded after the
+last copy), and the input tokens that step samples are filled in on the
+device (``fill_placeholders``).
 """
 import itertools
 from collections.abc import Sequence
@@ -50,8 +56,26 @@ class InputBuffers:
         self.seq_lens = _Field((max_seqs, ), torch.int32, device)
         self.block_tables = _Field((max_seqs, max_blocks), torch.int32, device)
         self.logits_indices = _Field((max_seqs, ), torch.int64, device)
+        # fill_placeholders: positions in input_ids, rows of the sampled ids
+        self.placeholder_positions = _Field((max_seqs, ), torch.int64, device)
+        self.placeholder_sources = _Field((max_seqs, ), torch.int64, device)
         self._columns = np.arange(max_blocks)
         self.pad_block = 0  # set by the model runner once the cache exists
+        # Recorded after the last copy from the host arrays (CUDA only).
+        self._sent = torch.cuda.Event() if device.type == "cuda" else None
+        self._pending_copies = False
+
+    def _host_writable(self) -> None:
+        """Wait until the copies of the last step have read the host arrays."""
+        if self._pending_copies:
+            assert self._sent is not None
+            self._sent.synchronize()
+            self._pending_copies = False
+
+    def _copies_sent(self) -> None:
+        if self._sent is not None:
+            self._sent.record()
+            self._pending_copies = True
 
     def prepare(
         self,
@@ -69,6 +93,7 @@ class InputBuffers:
         graphs); ``max_seq_len`` overrides the metadata's bound (a graph is
         captured once for every context length up to it).
         """
+        self._host_writable()
         n = len(token_ids)
         q_lens = np.fromiter(map(len, token_ids), np.int64, n)
         computed = np.asarray(num_computed, dtype=np.int64)
@@ -125,8 +150,25 @@ class InputBuffers:
             seq_lens=self.seq_lens.send(rows),
             block_tables=self.block_tables.send(rows),
             slot_mapping=self.slot_mapping.send(tokens))
-        return (self.input_ids.send(tokens), self.positions.send(tokens),
+        sent = (self.input_ids.send(tokens), self.positions.send(tokens),
                 self.logits_indices.send(num_sample), metadata)
+        self._copies_sent()
+        return sent
+
+    def fill_placeholders(self, rows: Sequence[int], sources: Sequence[int],
+                          sampled: torch.Tensor) -> None:
+        """The last input token of each batch row in ``rows`` becomes
+        ``sampled[source]`` (the token the previous step sampled for that
+        sequence, still on the device). Call after ``prepare``."""
+        self._host_writable()
+        n = len(rows)
+        positions = self.placeholder_positions.np
+        positions[:n] = self.query_start_loc.np[np.asarray(rows) + 1] - 1
+        self.placeholder_sources.np[:n] = sources
+        index = self.placeholder_positions.send(n)
+        tokens = sampled.index_select(0, self.placeholder_sources.send(n))
+        self._copies_sent()
+        self.input_ids.device.index_copy_(0, index, tokens)
 
     def graph_metadata(self, num_seqs: int,
                        max_seq_len: int) -> AttentionMetadata:

@@ -4,7 +4,8 @@ Per step: the host lays the batch out in persistent pinned buffers
 (``InputBuffers``) and sends each field with one non-blocking copy; decode-only
 batches on CUDA replay a captured CUDA graph (``CUDAGraphRunner``) instead of
 launching the model's kernels one by one. The only device-to-host copy is the
-sampled token ids (and their logprobs when asked for).
+sampled token ids (and their logprobs when asked for), started without waiting:
+``execute_model`` returns a ``PendingOutput`` whose ``get()`` waits for it.
 """
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,12 +18,13 @@ from vllm.core.block_manager import cdiv
 from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.layers.sampler import (LogprobsTensors, Sampler,
+                                                SamplerOutput,
                                                 compute_topk_logprobs)
 from vllm.model_executor.model_loader import get_model
 from vllm.model_executor.sampling_metadata import SamplingMetadata
 from vllm.model_executor.sampling_state import SamplingState
 from vllm.sampling_params import SamplingParams
-from vllm.sequence import ScheduledSequence
+from vllm.sequence import PLACEHOLDER_TOKEN_ID, ScheduledSequence
 from vllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes
 from vllm.worker.input_buffers import InputBuffers
 
@@ -44,6 +46,52 @@ class ModelRunnerOutput:
     # Of the sequences that asked (ScheduledSequence.prompt_logprobs_from)
     # and computed such positions this step.
     prompt_logprobs: PromptLogprobsBySeq = field(default_factory=dict)
+
+
+class PendingOutput:
+    """A launched step: its kernels are queued on the device, and its sampled
+    ids (with their logprobs) are on their way to pinned host memory."""
+
+    def __init__(self, seq_ids: list[int], output: SamplerOutput | None,
+                 prompt_logprobs: PromptLogprobsBySeq) -> None:
+        self.seq_ids = seq_ids
+        self.prompt_logprobs = prompt_logprobs
+        self._output = output
+        # A recheck may still change sampled ids on the host's request
+        # (SamplerOutput.to_host): no later step may read them before that.
+        self.final_on_device = output is None or output.recheck is None
+        self._host: list[torch.Tensor] = []
+        self._copied: torch.cuda.Event | None = None
+        if (output is not None and output.recheck is None
+                and output.sampled_token_ids.is_cuda):
+            tensors = [output.sampled_token_ids]
+            lp = output.logprobs_tensors
+            if lp is not None:
+                tensors += [
+                    lp.logprob_token_ids, lp.logprobs, lp.selected_token_ranks
+                ]
+            self._host = [
+                torch.empty(t.shape, dtype=t.dtype,
+                            pin_memory=True).copy_(t, non_blocking=True)
+                for t in tensors
+            ]
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def get(self) -> ModelRunnerOutput:
+        """Wait for the step's sampled tokens; -> them on the host."""
+        output = self._output
+        if output is None:
+            return ModelRunnerOutput([], [], None, self.prompt_logprobs)
+        if self._copied is None:
+            sampled, logprobs = output.to_host()
+        else:
+            self._copied.synchronize()
+            sampled = self._host[0].tolist()
+            logprobs = (LogprobsTensors(
+                *self._host[1:]) if len(self._host) > 1 else None)
+        return ModelRunnerOutput(self.seq_ids, sampled, logprobs,
+                                 self.prompt_logprobs)
 
 
 class ModelRunner:
@@ -70,6 +118,9 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device)
         self.graph_runner: CUDAGraphRunner | None = None
+        # The last step's sampled ids on the device, by sequence id: the
+        # inputs of a step scheduled before they reached the host.
+        self._last_sampled: tuple[dict[int, int], torch.Tensor] | None = None
 
     def load_model(self) -> None:
         self.model = get_model(self.model_config,
@@ -115,6 +166,7 @@ class ModelRunner:
             input_ids, positions, logits_indices, metadata = (
                 self.buffers.prepare(token_ids, num_computed, tables,
                                      sample_rows))
+            self._fill_placeholders(seqs)
             with set_forward_context(metadata):
                 return self.model(input_ids, positions), logits_indices
         assert self.graph_runner is not None
@@ -125,13 +177,36 @@ class ModelRunner:
             sample_rows,
             pad_to=size,
             max_seq_len=self.graph_runner.max_seq_len)
+        self._fill_placeholders(seqs)
         return self.graph_runner.replay(size), logits_indices
+
+    def _fill_placeholders(self, seqs: list[ScheduledSequence]) -> None:
+        """Rows whose last token is still being sampled by the previous step
+        (``PLACEHOLDER_TOKEN_ID``) take it from that step's sampled ids on
+        the device."""
+        rows = [
+            i for i, s in enumerate(seqs)
+            if s.token_ids and s.token_ids[-1] == PLACEHOLDER_TOKEN_ID
+        ]
+        if not rows:
+            return
+        assert self._last_sampled is not None, "no step sampled these tokens"
+        row_of, sampled = self._last_sampled
+        self.buffers.fill_placeholders(rows,
+                                       [row_of[seqs[i].seq_id] for i in rows],
+                                       sampled)
 
     @torch.inference_mode()
     def execute_model(self,
-                      scheduled: list[ScheduledSequence]) -> ModelRunnerOutput:
+                      scheduled: list[ScheduledSequence]) -> PendingOutput:
+        """Launch one step; ``get()`` on the result waits for its tokens.
+
+        Nothing here waits for the device (prompt logprobs aside), so the
+        caller can prepare the next step while this one runs.
+        """
         if not scheduled:  # a step that only swapped blocks
-            return ModelRunnerOutput([], [], None)
+            self._last_sampled = None
+            return PendingOutput([], None, {})
         # NOTE: the attention backends need decodes (one query token) first.
         seqs = sorted(scheduled, key=lambda s: len(s.token_ids) > 1)
         # The last token of each sequence that samples gives the logits.
@@ -139,7 +214,8 @@ class ModelRunner:
         hidden_states, logits_indices = self._forward(seqs, sample_rows)
         prompt_logprobs = self._compute_prompt_logprobs(seqs, hidden_states)
         if not sample_rows:
-            return ModelRunnerOutput([], [], None, prompt_logprobs)
+            self._last_sampled = None
+            return PendingOutput([], None, prompt_logprobs)
         logits = self.model.compute_logits(hidden_states[logits_indices])
         sampling_seqs = [seqs[i] for i in sample_rows]
         metadata = self.sampling_state.prepare(
@@ -149,10 +225,13 @@ class ModelRunner:
             [s.output_token_ids for s in sampling_seqs],
             [s.prompt_token_ids for s in sampling_seqs],
             vocab_size=logits.shape[-1])
-        # The one device -> host copy of the step.
-        sampled, logprobs = self.sampler(logits, metadata).to_host()
-        return ModelRunnerOutput([s.seq_id for s in sampling_seqs], sampled,
-                                 logprobs, prompt_logprobs)
+        output = self.sampler(logits, metadata)
+        seq_ids = [s.seq_id for s in sampling_seqs]
+        self._last_sampled = ({
+            seq_id: row
+            for row, seq_id in enumerate(seq_ids)
+        }, output.sampled_token_ids)
+        return PendingOutput(seq_ids, output, prompt_logprobs)
 
     def _compute_prompt_logprobs(
             self, seqs: list[ScheduledSequence],

@@ -6,7 +6,7 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.sequence import ScheduledSequence
 from vllm.worker.cache_engine import CacheEngine, kv_cache_block_bytes
-from vllm.worker.model_runner import ModelRunner, ModelRunnerOutput
+from vllm.worker.model_runner import ModelRunner, PendingOutput
 
 logger = init_logger(__name__)
 
@@ -75,12 +75,12 @@ class Worker:
         self.model_runner.capture_cuda_graphs()
 
     def execute_model(
-        self,
-        scheduled: list[ScheduledSequence],
-        blocks_to_swap_out: list[tuple[int, int]] | None = None,
-        blocks_to_swap_in: list[tuple[int, int]] | None = None,
-        blocks_to_copy: list[tuple[int, int]] | None = None
-    ) -> ModelRunnerOutput:
+            self,
+            scheduled: list[ScheduledSequence],
+            blocks_to_swap_out: list[tuple[int, int]] | None = None,
+            blocks_to_swap_in: list[tuple[int, int]] | None = None,
+            blocks_to_copy: list[tuple[int, int]] | None = None
+    ) -> PendingOutput:
         assert self.cache_engine is not None
         # Swap-outs first: their device blocks may be reused by this step;
         # copy-on-write last: its source may be a block just swapped in.
