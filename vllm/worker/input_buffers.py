@@ -159,8 +159,9 @@ class InputBuffers:
                           sampled: torch.Tensor) -> None:
         """The last input token of each batch row in ``rows`` becomes
         ``sampled[source]`` (the token the previous step sampled for that
-        sequence, still on the device). Call after ``prepare``."""
-        self._host_writable()
+        sequence, still on the device). Call after ``prepare``, which waited
+        for the last step's copies: these host arrays are free. (Waiting
+        here would wait for the previous step to finish.)"""
         n = len(rows)
         positions = self.placeholder_positions.np
         positions[:n] = self.query_start_loc.np[np.asarray(rows) + 1] - 1
