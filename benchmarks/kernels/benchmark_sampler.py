@@ -26,6 +26,7 @@ the model's forward pass, so on a GPU the host part is partly hidden in a
 real step.
 """
 import argparse
+import dataclasses
 import importlib
 import json
 import platform
@@ -78,6 +79,13 @@ def all_features(row: int, vocab_size: int) -> SamplingParams:
     )
 
 
+def all_features_top_k_top_p(row: int, vocab_size: int) -> SamplingParams:
+    # Every feature at once: the draw then uses the sorted largest logits.
+    return dataclasses.replace(all_features(row, vocab_size),
+                               top_k=50,
+                               top_p=0.95)
+
+
 # name -> (the parameters of row i, whether the engine's SamplingState
 # keeps them between steps)
 CONFIGS: dict[str, tuple[Callable[[int, int], SamplingParams], bool]] = {
@@ -86,6 +94,7 @@ CONFIGS: dict[str, tuple[Callable[[int, int], SamplingParams], bool]] = {
     "temperature + top_p (no top_k)": (top_p_only, True),
     "all features": (all_features, True),
     "all features, stateless prepare": (all_features, False),
+    "all features + top_k + top_p": (all_features_top_k_top_p, True),
 }
 
 

@@ -15,14 +15,21 @@ logits as they are, without a copy). For the random rows, ``sample`` gives
 each row the smallest logit it keeps, from temperature, top-nσ, min_p and
 top-k/top-p in that order, and draws with the Gumbel-max trick: over the
 whole vocabulary (``random_sample``), or, when every random row has a top_k
-or a top_p (on CUDA: or a min_p or a top-nσ), only over its largest logits,
-sorted by ``torch.topk`` (``sample_candidates``).
+or a top_p (on CUDA without triton: or a min_p or a top-nσ), only over its
+largest logits, sorted by ``torch.topk`` (``sample_candidates``).
 
 NOTE: temperature never costs a pass over [N, V]. A draw from
 softmax(x / T) is argmax(x / T + g) = argmax(x + T * g) with Gumbel noise g,
 so the draw scales the noise instead of the logits, and each truncation is
 written as a threshold on the unscaled x: top-k and top-nσ are the same on
 both scales, min_p and top-p take T into account.
+
+On CUDA with triton installed, the passes over the whole vocabulary are
+Triton kernels (``ops/sampling_kernels.py``; the torch code stays the CPU
+path and the reference): without top-k/top-p, one launch computes each
+row's top-nσ and min_p thresholds and draws (``fused_random_sample``, which
+also takes the greedy rows' argmax and the draw after top-k/top-p when no
+recheck can be needed), and logprobs never build log_softmax over [N, V].
 
 Nothing sorts the whole vocabulary: top-k/top-p look at each row's largest
 logits (``torch.topk``). A row whose kept tokens may reach past them (a long
@@ -37,9 +44,11 @@ output, as in vLLM V1 (``compute_topk_logprobs``, written so that prompt
 logprobs can reuse it once the engine computes them).
 """
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
+from vllm.model_executor.layers.ops import get_sampling_kernels
 from vllm.model_executor.sampling_metadata import (PenaltyCounts,
                                                    SamplingMetadata)
 
@@ -260,16 +269,26 @@ def sample(logits: torch.Tensor, md: SamplingMetadata,
     """
     if md.all_greedy:
         return logits.argmax(dim=-1), None
-    # Truncation keeps the argmax, so greedy rows need none of it.
-    greedy = None if md.all_random else logits.argmax(dim=-1)
+    kernels = _sampling_kernels(logits)
+    if kernels is not None and md.top_k is None and md.top_p is None:
+        # Thresholds and draw in one launch (two passes over the logits).
+        return fused_random_sample(kernels, logits, md), None
     threshold = None
     if md.top_n_sigma is not None or md.min_p is not None:
-        row_max = logits.amax(dim=-1)  # [N]
-        threshold = _at_least(top_n_sigma_threshold(logits, row_max, md),
+        row_max, sigma = _row_max_and_sigma(logits, md, kernels)
+        threshold = _at_least(top_n_sigma_threshold(logits, row_max, md, sigma),
                               min_p_threshold(row_max, md))
     cut = _top_k_top_p(logits, threshold, md)
+    draw_candidates = cut.values is not None and _draws_candidates(logits, md)
+    if (kernels is not None and not draw_candidates
+            and cut.long_nucleus is None):
+        # One pass over the vocabulary, greedy rows included.
+        return fused_random_sample(kernels, logits, md, cut.threshold), None
+    # Truncation keeps the argmax, so greedy rows need none of it.
+    greedy = None if md.all_random else logits.argmax(dim=-1)
     recheck = None
-    if cut.values is not None and _draws_candidates(logits, md):
+    if draw_candidates:
+        assert cut.values is not None
         assert cut.threshold is not None and cut.indices is not None
         sampled, seeded_log_q = sample_candidates(cut.values, cut.indices,
                                                   cut.threshold, md,
@@ -294,11 +313,24 @@ def sample(logits: torch.Tensor, md: SamplingMetadata,
     return sampled, recheck
 
 
+def _sampling_kernels(logits: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels (``ops.sampling_kernels``) where they run: CUDA
+    logits and triton installed. None: the torch code."""
+    if logits.device.type != "cuda":
+        return None
+    return get_sampling_kernels()
+
+
 def _draws_candidates(logits: torch.Tensor, md: SamplingMetadata) -> bool:
-    """Whether the draw uses only each row's sorted largest logits."""
+    """Whether the draw uses only each row's sorted largest logits: when
+    every random row has top_k or top_p (sorted anyway), or, on
+    ``_CANDIDATE_DRAW_DEVICES`` without the kernels, when the other random
+    rows have min_p or top-nσ (cheaper than torch's passes over the whole
+    vocabulary, dearer than the fused kernel's)."""
     return md.top_k_top_p_everywhere or (md.truncated_everywhere
                                          and logits.device.type
-                                         in _CANDIDATE_DRAW_DEVICES)
+                                         in _CANDIDATE_DRAW_DEVICES
+                                         and _sampling_kernels(logits) is None)
 
 
 def _recheck(rows: torch.Tensor, greedy: torch.Tensor | None,
@@ -320,16 +352,30 @@ def _recheck(rows: torch.Tensor, greedy: torch.Tensor | None,
                    md=md)
 
 
-def top_n_sigma_threshold(logits: torch.Tensor, row_max: torch.Tensor,
-                          md: SamplingMetadata) -> torch.Tensor | None:
+def _row_max_and_sigma(
+        logits: torch.Tensor, md: SamplingMetadata,
+        kernels: ModuleType | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's largest logit [N], and σ for top-nσ [N] when the kernels
+    compute both in one pass (else None: ``top_n_sigma_threshold`` computes
+    it)."""
+    if kernels is None:
+        return logits.amax(dim=-1), None
+    return kernels.row_stats(logits, sigma=md.top_n_sigma is not None)
+
+
+def top_n_sigma_threshold(
+        logits: torch.Tensor,
+        row_max: torch.Tensor,
+        md: SamplingMetadata,
+        sigma: torch.Tensor | None = None) -> torch.Tensor | None:
     """Top-nσ: keep logits >= max - n * σ (σ: population standard deviation
-    of the row's finite logits). Dividing by T scales max and σ alike, so
-    the unscaled logits give the same tokens."""
+    of the row's finite logits, computed here unless given). Dividing by T
+    scales max and σ alike, so the unscaled logits give the same tokens."""
     if md.top_n_sigma is None:
         return None
-    if md.has_masked_tokens:
+    if sigma is None and md.has_masked_tokens:
         sigma = _finite_std(logits)
-    else:
+    elif sigma is None:
         sigma = logits.std(dim=-1, correction=0)
     threshold = row_max - md.top_n_sigma * sigma
     return threshold.masked_fill(md.top_n_sigma == 0.0, float("-inf"))
@@ -540,6 +586,57 @@ def random_sample(logits: torch.Tensor, threshold: torch.Tensor | None,
     return score.argmax(dim=-1), log_q
 
 
+def fused_random_sample(kernels: ModuleType,
+                        logits: torch.Tensor,
+                        md: SamplingMetadata,
+                        threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """``random_sample`` (and the greedy rows' argmax) in one launch of
+    ``kernels.sample``. -> [N]
+
+    ``threshold``: the rows' thresholds when top-k/top-p computed them
+    (top-nσ's and min_p's included); without it, the kernel computes those
+    of top-nσ and min_p itself, with the formulas of
+    ``top_n_sigma_threshold`` and ``min_p_threshold``.
+
+    The unseeded rows' noise is made in the kernel, keyed by a seed drawn
+    from torch's default CPU generator (no device sync; ``torch.manual_seed``
+    makes runs reproducible). Seeded rows get the noise ``random_sample``
+    gives them, from their own generators, so they draw the same tokens.
+    """
+    temperature = md.temperature
+    if not md.all_random:
+        temperature = temperature.masked_fill(md.is_greedy, 0.0)
+    seeded_log_q = seeded_index = None
+    if md.seeded_rows is not None:
+        seeded_log_q = _seeded_log_q(md, logits.shape[-1], logits)
+        seeded_index = torch.full((logits.shape[0], ),
+                                  -1,
+                                  dtype=torch.int64,
+                                  device=logits.device)
+        seeded_index[md.seeded_rows] = torch.arange(len(md.generators),
+                                                    device=logits.device)
+    seed = int(torch.randint(1 << 32, 1 << 62, ()).item())
+    rules_done = threshold is not None
+    return kernels.sample(logits,
+                          temperature,
+                          seed,
+                          threshold=threshold,
+                          top_n_sigma=None if rules_done else md.top_n_sigma,
+                          min_p=None if rules_done else md.min_p,
+                          seeded_log_q=seeded_log_q,
+                          seeded_index=seeded_index)
+
+
+def _seeded_log_q(md: SamplingMetadata, vocab_size: int,
+                  like: torch.Tensor) -> torch.Tensor:
+    """The noise log q of each seeded row over the whole vocabulary, from
+    its own generator, in ``md.generators``' order. -> [S, V]"""
+    full = like.new_empty(len(md.generators), vocab_size)
+    for i, generator in enumerate(md.generators.values()):
+        _exponential_(full[i], generator)
+    return full.log_()
+
+
 def sample_candidates(
     values: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor,
     md: SamplingMetadata, vocab_size: int
@@ -556,10 +653,7 @@ def sample_candidates(
     log_q = _exponential_(torch.empty_like(values)).log_()  # [N, W]
     seeded = None
     if md.seeded_rows is not None:
-        full = values.new_empty(len(md.generators), vocab_size)
-        for i, generator in enumerate(md.generators.values()):
-            _exponential_(full[i], generator)
-        full.log_()
+        full = _seeded_log_q(md, vocab_size, values)
         rows = md.seeded_rows
         log_q[rows] = full.gather(dim=-1, index=indices[rows])
         seeded = rows, full
@@ -653,11 +747,16 @@ def compute_topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
 
 def _topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
                    k: int) -> LogprobsTensors:
-    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)  # [M, V]
     token_ids = token_ids.to(torch.int64).unsqueeze(1)  # [M, 1]
-    selected = logprobs.gather(dim=-1, index=token_ids)  # [M, 1]
-    ranks = (logprobs > selected).sum(dim=-1) + 1  # [M]
-    top_logprobs, top_ids = logprobs.topk(k, dim=-1)  # [M, k]
+    kernels = _sampling_kernels(logits)
+    if kernels is None:
+        logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)  # [M, V]
+        selected = logprobs.gather(dim=-1, index=token_ids)  # [M, 1]
+        ranks = (logprobs > selected).sum(dim=-1) + 1  # [M]
+        top_logprobs, top_ids = logprobs.topk(k, dim=-1)  # [M, k]
+    else:
+        selected, ranks, top_logprobs, top_ids = kernels.topk_logprobs(
+            logits, token_ids, k)
     return LogprobsTensors(
         logprob_token_ids=torch.cat([token_ids, top_ids], dim=1),
         logprobs=torch.cat([selected, top_logprobs], dim=1),

@@ -1,0 +1,363 @@
+"""The sampler's Triton kernels (``ops.sampling_kernels``) against the torch
+code they replace, and the Sampler with and without them.
+
+On a GPU (marked ``cuda``) with the real tile sizes and large rows. Without
+one, Triton's interpreter runs the same tests on CPU tensors, with small
+rows and small tiles so that a row still spans several tiles and programs
+(``TRITON_INTERPRET`` must be set before triton is imported; triton 3.6's
+interpreter needs numpy < 2.4)::
+
+    TRITON_INTERPRET=1 python -m pytest tests/samplers/test_sampling_kernels.py
+
+Skipped without triton.
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton",
+                             reason="triton is not installed (GPU installs)")
+
+from tests.samplers.utils import assert_matches, make_metadata  # noqa: E402
+from vllm.model_executor.layers import sampler as sampler_module  # noqa: E402
+from vllm.model_executor.layers.ops import (  # noqa: E402
+    sampling_kernels as kernels)
+from vllm.model_executor.layers.sampler import (  # noqa: E402
+    LogprobsTensors, Sampler, compute_topk_logprobs)
+from vllm.sampling_params import SamplingParams  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+pytestmark = [] if INTERPRET else [pytest.mark.cuda]
+
+# (rows, vocabulary size): sizes that are not multiples of the tiles, rows
+# of one tile and of many.
+if INTERPRET:
+    SHAPES = [(1, 1), (3, 7), (2, 1000), (9, 130)]
+else:
+    SHAPES = [(1, 1), (3, 7), (1, 151_936), (37, 32_003), (256, 151_936)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NEG_INF = float("-inf")
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the interpreter: tiles of 64 columns in segments of 16, so that
+    small rows span several tiles."""
+    if INTERPRET:
+        monkeypatch.setattr(kernels, "_TILE", 64)
+        monkeypatch.setattr(kernels, "_SEGMENT", 16)
+        monkeypatch.setattr(kernels, "_COUNTERS", 16)
+
+
+def use_kernels(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    """Make the sampler use the kernels (on CPU tensors too), or not."""
+    monkeypatch.setattr(sampler_module, "_sampling_kernels",
+                        lambda logits: kernels if on else None)
+
+
+def make_logits(num_rows: int, vocab_size: int, dtype: torch.dtype,
+                seed: int) -> torch.Tensor:
+    """Random logits around 5 (not 0: σ must not rely on a zero mean); row 0
+    has -inf entries, the last row (of several) one finite logit only."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_rows, vocab_size, generator=gen) * 3 + 5
+    logits[0, 1::3] = NEG_INF
+    if num_rows > 1:
+        last = logits[-1]
+        last[:] = NEG_INF
+        last[vocab_size // 2] = 1.5
+    return logits.to(dtype).to(DEVICE)
+
+
+def finite_std(x: torch.Tensor) -> torch.Tensor:
+    """Population std of each row's finite values, in float64."""
+    x = x.double()
+    finite = x.isfinite()
+    count = finite.sum(dim=1)
+    mean = torch.where(finite, x, 0.0).sum(dim=1) / count
+    deviation = torch.where(finite, x - mean.unsqueeze(1), 0.0)
+    return (deviation.square().sum(dim=1) / count).sqrt()
+
+
+# ---------------------------------------------------------------- row_stats
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_stats_match_torch(shape, dtype):
+    num_rows, vocab_size = shape
+    logits = make_logits(num_rows, vocab_size, dtype, seed=vocab_size)
+    x = logits.float()
+    row_max, sigma = kernels.row_stats(logits, sigma=True)
+    assert sigma is not None
+    assert torch.equal(row_max, x.amax(dim=1))
+    torch.testing.assert_close(sigma.double(),
+                               finite_std(x),
+                               rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_row_stats_of_strided_rows_and_max_only():
+    # Rows of a wider tensor: the row stride is not the vocabulary size.
+    wide = make_logits(4, 300, torch.float32, seed=1)
+    logits = wide[:, 10:290]
+    row_max, sigma = kernels.row_stats(logits)
+    assert sigma is None
+    assert torch.equal(row_max, logits.amax(dim=1))
+
+
+# ------------------------------------------------------------------ sample
+def gumbel_reference(x: torch.Tensor, threshold: torch.Tensor,
+                     temperature: torch.Tensor,
+                     log_q: torch.Tensor) -> torch.Tensor:
+    """``sampler.random_sample``'s draw with the given noise."""
+    x = x.float()
+    score = torch.addcmul(x, log_q, temperature.unsqueeze(1), value=-1.0)
+    score.masked_fill_(x < threshold.unsqueeze(1), NEG_INF)
+    return score.argmax(dim=1)
+
+
+def seeded_noise(num_rows: int, vocab_size: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.empty(num_rows, vocab_size).uniform_(generator=gen)
+    return q.log_().neg_().log_().to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_rows_take_the_first_argmax(shape, dtype):
+    num_rows, vocab_size = shape
+    # Steps of 0.5: ties for the max, which the first column wins.
+    logits = (make_logits(num_rows, vocab_size, torch.float32, 2) *
+              2).round().div(2).to(dtype)
+    greedy = torch.zeros(num_rows, device=DEVICE)
+    min_p = torch.full((num_rows, ), 0.5, device=DEVICE)
+    tokens = kernels.sample(logits, greedy, 1 << 40, min_p=min_p)
+    assert tokens.dtype == torch.int64
+    assert torch.equal(tokens, logits.float().argmax(dim=1))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seeded_rows_draw_what_torch_draws(shape, dtype):
+    """Rows with precomputed noise (seeded) give the tokens of the torch
+    draw with that noise, whatever the other rows, with the thresholds of
+    the sampler's rules (top-nσ, min_p, a given one); unseeded rows keep
+    to their threshold."""
+    num_rows, vocab_size = shape
+    logits = make_logits(num_rows, vocab_size, dtype, seed=3)
+    x = logits.float()
+    temperature = torch.linspace(0.3, 2.0, num_rows, device=DEVICE)
+    rows = torch.arange(num_rows, device=DEVICE)
+    top_n_sigma = torch.where(rows % 3 == 0, 0.0, 1.0 + rows % 2)
+    min_p = torch.where(rows % 4 == 1, 0.0, 0.01 * (rows % 5 + 1))
+    given = x.amax(dim=1) - 5.0
+    # What sampler.py computes.
+    top_n_sigma_threshold = torch.where(
+        top_n_sigma > 0.0,
+        x.amax(dim=1) - top_n_sigma * finite_std(x).float(), NEG_INF)
+    min_p_threshold = torch.where(min_p > 0.0,
+                                  x.amax(dim=1) + temperature * min_p.log(),
+                                  NEG_INF)
+    threshold = torch.maximum(
+        torch.maximum(top_n_sigma_threshold, min_p_threshold), given)
+    # Every other row seeded, with rows of the noise in reverse order.
+    seeded_rows = torch.arange(0, num_rows, 2, device=DEVICE)
+    noise = seeded_noise(len(seeded_rows), vocab_size, seed=4)
+    seeded_index = torch.full((num_rows, ), -1, device=DEVICE)
+    seeded_index[seeded_rows.flip(0)] = torch.arange(len(seeded_rows),
+                                                     device=DEVICE)
+    tokens = kernels.sample(logits,
+                            temperature,
+                            12345,
+                            threshold=given,
+                            top_n_sigma=top_n_sigma,
+                            min_p=min_p,
+                            seeded_log_q=noise,
+                            seeded_index=seeded_index)
+    expected = gumbel_reference(x[seeded_rows], threshold[seeded_rows],
+                                temperature[seeded_rows], noise.flip(0))
+    assert torch.equal(tokens[seeded_rows], expected)
+    kept = x.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    assert (kept >= threshold).all()
+
+
+@pytest.mark.parametrize("seed", [1, 2**33 + 7, 2**61 + 1])
+def test_rows_keeping_one_logit_draw_it(seed):
+    """A row whose every logit but one is -inf or below the threshold
+    draws that one; -inf is never drawn."""
+    num_rows, vocab_size = (8, 500) if INTERPRET else (64, 151_936)
+    logits = torch.full((num_rows, vocab_size), NEG_INF, device=DEVICE)
+    only = torch.randint(vocab_size, (num_rows, ), device=DEVICE)
+    rows = torch.arange(num_rows, device=DEVICE)
+    logits[rows, only] = 3.0
+    threshold = torch.full((num_rows, ), 2.0, device=DEVICE)
+    temperature = torch.full((num_rows, ), 1.0, device=DEVICE)
+    assert torch.equal(kernels.sample(logits, temperature, seed), only)
+    # Now finite logits below the threshold everywhere else.
+    logits[logits == NEG_INF] = 1.0
+    assert torch.equal(
+        kernels.sample(logits, temperature, seed, threshold=threshold), only)
+
+
+def test_same_seed_same_tokens():
+    num_rows, vocab_size = (6, 300) if INTERPRET else (256, 151_936)
+    logits = make_logits(num_rows, vocab_size, torch.float32, seed=5)
+    temperature = torch.ones(num_rows, device=DEVICE)
+    first = kernels.sample(logits, temperature, 7)
+    assert torch.equal(first, kernels.sample(logits, temperature, 7))
+    assert not torch.equal(first, kernels.sample(logits, temperature, 8))
+
+
+@pytest.mark.parametrize("temperature", [1.5] if INTERPRET else [0.7, 1.5])
+def test_draws_follow_the_truncated_softmax(temperature):
+    """Many rows of the same logits: the tokens drawn follow softmax(x / T)
+    over the logits at or above the threshold. The candidates sit in
+    different tiles and Philox outputs of the row."""
+    if INTERPRET:
+        num_draws, vocab_size = 240, 130  # the interpreter is slow
+        columns = [3, 17, 40, 63, 64, 100, 127, 129]
+    else:
+        num_draws, vocab_size = 100_000, 151_936
+        columns = [5, 1030, 2100, 3999, 4100, 77_777, 150_000, 151_935]
+    values = torch.tensor([1.0, 0.2, -0.5, 0.8, 0.0, 0.5, -1.0, -3.0])
+    row = torch.full((vocab_size, ), -10.0)
+    row[columns] = values
+    logits = row.to(DEVICE).expand(num_draws, -1)
+    tokens = kernels.sample(logits,
+                            torch.full((num_draws, ),
+                                       temperature,
+                                       device=DEVICE),
+                            2024,
+                            threshold=torch.full((num_draws, ),
+                                                 -2.0,
+                                                 device=DEVICE))
+    counts = torch.bincount(tokens.cpu(), minlength=vocab_size)[columns]
+    kept = values.masked_fill(values < -2.0, NEG_INF)
+    assert counts.sum() == num_draws  # nothing outside the candidates
+    assert_matches(counts, (kept / temperature).softmax(dim=0))
+
+
+# ----------------------------------------------------------------- logprobs
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [0, 1, 5, -1])
+@pytest.mark.parametrize("shape",
+                         [(5, 2600)] if INTERPRET else [(7, 32_003),
+                                                        (256, 151_936)])
+def test_logprobs_match_torch(monkeypatch, dtype, k, shape):
+    """``compute_topk_logprobs`` with and without the kernels: the same
+    ranks and log probabilities within float tolerance. float32 logits are
+    distinct multiples of 1/64 (no ties, not even after log_softmax's
+    rounding): the same ids. 16-bit logits have ties, and log_softmax's
+    rounding merges nearby small ones: ids of (nearly) equal logits."""
+    num_rows, vocab_size = shape
+    gen = torch.Generator().manual_seed(6)
+    if dtype == torch.float32:
+        logits = torch.stack([
+            (torch.randperm(vocab_size, generator=gen) - vocab_size // 2) / 64
+            for _ in range(num_rows)
+        ])
+    else:
+        logits = torch.randn(num_rows, vocab_size, generator=gen) * 3
+    logits = logits.to(dtype).to(DEVICE)
+    token_ids = torch.randint(vocab_size, (num_rows, ),
+                              generator=gen).to(DEVICE)
+    use_kernels(monkeypatch, True)
+    fused = compute_topk_logprobs(logits, token_ids, k)
+    use_kernels(monkeypatch, False)
+    expected = compute_topk_logprobs(logits, token_ids, k)
+    assert torch.equal(fused.selected_token_ranks,
+                       expected.selected_token_ranks)
+    torch.testing.assert_close(fused.logprobs,
+                               expected.logprobs,
+                               rtol=1e-5,
+                               atol=1e-5)
+    ids, expected_ids = fused.logprob_token_ids, expected.logprob_token_ids
+    if dtype == torch.float32:
+        assert torch.equal(ids, expected_ids)
+    else:
+        assert torch.equal(ids[:, 0], expected_ids[:, 0])
+        torch.testing.assert_close(logits.gather(1, ids).float(),
+                                   logits.gather(1, expected_ids).float(),
+                                   rtol=0.0,
+                                   atol=1e-5)
+        assert all(len(set(row)) == len(row) for row in ids[:, 1:].tolist())
+
+
+# ---------------------------------------------------------- the whole Sampler
+def mixed_params(num_rows: int, vocab_size: int,
+                 with_top_k: bool) -> list[SamplingParams]:
+    """Greedy rows, and random rows with every feature, most seeded; with
+    ``with_top_k``, one row with top_k (the thresholds then come from
+    torch, the draw from the kernel)."""
+    params = []
+    for row in range(num_rows):
+        if row % 4 == 3:
+            params.append(SamplingParams(temperature=0.0, logprobs=2))
+            continue
+        params.append(
+            SamplingParams(temperature=0.5 + row / num_rows,
+                           presence_penalty=0.5,
+                           frequency_penalty=0.3,
+                           repetition_penalty=1.1,
+                           logit_bias={row % vocab_size: 2.0},
+                           min_p=0.02,
+                           top_n_sigma=2.0 if row % 2 else None,
+                           top_k=20 if row == 1 and with_top_k else 0,
+                           logprobs=3,
+                           seed=row if row % 4 != 2 else None))
+    return params
+
+
+def run(logits: torch.Tensor, params: list[SamplingParams],
+        fused: bool) -> tuple[list[int], LogprobsTensors | None]:
+    vocab_size = logits.shape[1]
+    generators = [
+        None if p.seed is None else torch.Generator(DEVICE).manual_seed(p.seed)
+        for p in params
+    ]
+    outputs = [[(row * 7 + i) % vocab_size for i in range(5)]
+               for row in range(len(params))]
+    md = make_metadata(params,
+                       vocab_size,
+                       generators=generators,
+                       output_token_ids=outputs,
+                       prompt_token_ids=[[1, 2, 3]] * len(params),
+                       device=DEVICE)
+    out = Sampler()(logits, md)
+    if fused:
+        assert out.recheck is None  # the fused draw is exact
+    return out.to_host()
+
+
+@pytest.mark.parametrize("with_top_k", [False, True])
+def test_sampler_keeps_greedy_and_seeded_tokens(monkeypatch, with_top_k):
+    """The fused path gives the greedy and seeded rows the tokens (and
+    logprobs) of the torch path."""
+    num_rows, vocab_size = (12, 300) if INTERPRET else (64, 151_936)
+    params = mixed_params(num_rows, vocab_size, with_top_k)
+    gen = torch.Generator().manual_seed(7)
+    logits = (torch.randn(num_rows, vocab_size, generator=gen) * 2).to(DEVICE)
+    calls = []
+    fused_sample = kernels.sample
+    monkeypatch.setattr(
+        kernels, "sample",
+        lambda *args, **kwargs: calls.append(1) or fused_sample(
+            *args, **kwargs))
+    use_kernels(monkeypatch, True)
+    tokens, lp = run(logits, params, fused=True)
+    assert calls
+    use_kernels(monkeypatch, False)
+    expected_tokens, expected_lp = run(logits, params, fused=False)
+    same = [
+        row for row, p in enumerate(params)
+        if p.seed is not None or p.temperature == 0.0
+    ]
+    assert [tokens[row]
+            for row in same] == [expected_tokens[row] for row in same]
+    assert lp is not None and expected_lp is not None
+    assert torch.equal(lp.logprob_token_ids[same],
+                       expected_lp.logprob_token_ids[same])
+    assert torch.equal(lp.selected_token_ranks[same],
+                       expected_lp.selected_token_ranks[same])
+    torch.testing.assert_close(lp.logprobs[same], expected_lp.logprobs[same])
