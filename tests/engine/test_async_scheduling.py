@@ -188,3 +188,21 @@ def test_delta_outputs_add_up(stories260k_path: Path) -> None:
     expected = _run(_engine(stories260k_path, False), [final] * len(PROMPTS))
     for i in range(len(PROMPTS)):
         assert (tokens[str(i)], text[str(i)]) == expected[str(i)][0][:2]
+
+
+def test_stats_count_only_the_tokens_kept(stories260k_path: Path) -> None:
+    """The row a stopped sequence computed once more is not a generated
+    token in the engine's statistics."""
+    engine = _engine(stories260k_path, True)
+    assert engine.stat_logger is not None
+    counted = []
+    record = engine.stat_logger.record_step
+
+    def counting(num_prompt_tokens: int, num_generation_tokens: int) -> None:
+        counted.append(num_generation_tokens)
+        record(num_prompt_tokens, num_generation_tokens)
+
+    engine.stat_logger.record_step = counting  # type: ignore[method-assign]
+    results = _run(engine, MIXED)
+    assert sum(counted) == sum(
+        len(c[0]) for completions in results.values() for c in completions)

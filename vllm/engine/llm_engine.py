@@ -368,10 +368,10 @@ class LLMEngine:
             sg for sg in step.sched.scheduled_seq_groups
             if not sg.seq_group.is_finished()
         ]
-        self._process_outputs(live, result, step.advanced)
+        generated = self._process_outputs(live, result, step.advanced)
         self.scheduler.free_finished_seq_groups()
         if self.stat_logger is not None:
-            self._log_stats(step.scheduled, len(result.sampled_token_ids))
+            self._log_stats(step.scheduled, generated)
         for sg in live:
             output = self._make_output(sg.seq_group)
             if output is not None:
@@ -482,36 +482,43 @@ class LLMEngine:
                                  prompt_logprobs_from=prompt_logprobs_from)
 
     def _process_outputs(self, scheduled: list[ScheduledSequenceGroup],
-                         result: ModelRunnerOutput, advanced: bool) -> None:
+                         result: ModelRunnerOutput, advanced: bool) -> int:
         """The one place where request state advances after a step
         (``advanced``: its computed tokens were counted when the next step
-        was scheduled, and its sampled tokens are placeholders)."""
+        was scheduled, and its sampled tokens are placeholders). -> the
+        number of sampled tokens used (rows of requests that stopped since
+        the launch are not)."""
         now = time.time()
         row_of = {seq_id: i for i, seq_id in enumerate(result.seq_ids)}
+        generated = 0
         for sg in scheduled:
             group = sg.seq_group
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
             if group.beam_search is not None:
-                self._advance_beams(group, sg.token_chunk_size, result, row_of)
+                generated += self._advance_beams(group, sg.token_chunk_size,
+                                                 result, row_of)
             else:
-                self._advance_samples(group,
-                                      0 if advanced else sg.token_chunk_size,
-                                      result, row_of, advanced)
+                generated += self._advance_samples(
+                    group, 0 if advanced else sg.token_chunk_size, result,
+                    row_of, advanced)
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
             group.metrics.last_token_time = now
+        return generated
 
     def _advance_samples(self, group: SequenceGroup, chunk: int,
                          result: ModelRunnerOutput, row_of: dict[int, int],
-                         placeholders: bool) -> None:
+                         placeholders: bool) -> int:
         """Record prompt logprobs; append each sampled token (in place of its
-        placeholder), detokenize it and check whether its sequence stops."""
+        placeholder), detokenize it and check whether its sequence stops.
+        -> the number of tokens appended."""
         params = group.sampling_params
         # With placeholders, every sequence that held one: a preemption
         # since may have left only the leader scheduled (a fork pending).
         seqs = ([seq for seq in group.seqs if not seq.is_finished]
                 if placeholders else group.get_unfinished_seqs())
+        appended = 0
         for seq in seqs:
             seq.num_computed_tokens += chunk
             if seq.seq_id in result.prompt_logprobs:
@@ -529,6 +536,7 @@ class LLMEngine:
                 assert seq.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID
                 seq.output_token_ids.pop()
             seq.append_token(token_id, logprobs)
+            appended += 1
             stopped = self.stop_checker.check_stop_token(seq, params)
             new_chars = 0
             if seq.detokenizer is not None and (
@@ -539,19 +547,21 @@ class LLMEngine:
             if not stopped:
                 self.stop_checker.check_stop_text_and_length(
                     seq, new_chars, params)
+        return appended
 
     def _advance_beams(self, group: SequenceGroup, chunk: int,
                        result: ModelRunnerOutput, row_of: dict[int,
-                                                               int]) -> None:
+                                                               int]) -> int:
         """A beam-search step: pick the next beams from the candidates of
         each live beam, fork the sequence of a beam kept more than once
-        (blocks shared), free the beams dropped, finish when done."""
+        (blocks shared), free the beams dropped, finish when done. -> the
+        number of beams that sampled."""
         search = group.beam_search
         seqs = group.get_unfinished_seqs()
         for seq in seqs:
             seq.num_computed_tokens += chunk
         if seqs[0].seq_id not in row_of:
-            return  # a prompt chunk that is not the last one
+            return 0  # a prompt chunk that is not the last one
         assert search is not None and result.logprobs is not None
         candidates = [
             self._logprobs_of_row(result.logprobs,
@@ -566,7 +576,7 @@ class LLMEngine:
         if search.done:
             for seq in seqs:  # their blocks go after this step
                 seq.status = SequenceStatus.FINISHED_STOPPED
-            return
+            return len(seqs)
         kept: list[Sequence] = []
         parents: set[int] = set()
         for parent, _ in next_beams:
@@ -584,6 +594,7 @@ class LLMEngine:
             if i not in parents:
                 self.scheduler.free_seq(seq)
         group.seqs = kept
+        return len(seqs)
 
     def _record_prompt_logprobs(self, group: SequenceGroup, first_token: int,
                                 tensors: LogprobsTensors) -> None:
