@@ -135,3 +135,45 @@ def test_cuda_graphs_replay_decodes(head64_model: Path,
     eager, no_replays = run(True)
     assert num_replays >= 15 and no_replays == 0
     check_outputs_equal(eager, graphs, "eager", "graphs")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_launching_a_step_never_waits_for_the_device(
+        head64_model: Path, enforce_eager: bool) -> None:
+    """Async scheduling overlaps the host with the GPU only if queueing a
+    step (scheduling, inputs, placeholders, forward, sampler, the copy of
+    the sampled ids) never waits for work queued after the previous step.
+    A GPU spin is queued before each launch: it must still be running when
+    the launch returns."""
+    llm = LLM(str(head64_model),
+              gpu_memory_utilization=0.3,
+              enforce_eager=enforce_eager)
+    params = SamplingParams(temperature=0.8,
+                            seed=3,
+                            max_tokens=12,
+                            ignore_eos=True,
+                            logprobs=2)
+    prompts = [{
+        "prompt_token_ids": list(range(3, 40))
+    }, {
+        "prompt_token_ids": list(range(5, 9))
+    }]
+    expected = llm.generate(prompts, params, use_tqdm=False)  # JIT warm-up
+    engine = llm.llm_engine
+    execute = engine.executor.execute_model
+    spin_running: list[bool] = []
+
+    def launch(*args):
+        torch.cuda._sleep(100_000_000)  # about 50 ms of GPU time
+        spun = torch.cuda.Event()
+        spun.record()
+        pending = execute(*args)
+        spin_running.append(not spun.query())
+        return pending
+
+    engine.executor.execute_model = launch  # type: ignore[method-assign]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids
+            for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    assert len(spin_running) >= 12 and all(spin_running)
