@@ -302,6 +302,12 @@ class SamplingParams:
         _verify_token_ids("stop_token_ids", self.stop_token_ids)
 
     @property
+    def has_penalties(self) -> bool:
+        """Whether a presence, frequency or repetition penalty is on."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @property
     def sampling_type(self) -> SamplingType:
         if self.temperature < _SAMPLING_EPS:
             return SamplingType.GREEDY

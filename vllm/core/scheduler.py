@@ -139,22 +139,24 @@ class Scheduler:
         with async scheduling, a request preempted while its last step still
         ran finishes there when that step's tokens arrive.
         """
-        self._free_finished(self.running, swapped=False)
+        self._free_finished(self.running, only_gpu_blocks=True)
         self.running = [g for g in self.running if not g.is_finished()]
         if self._preempted:
             self._preempted = False
             for queue in (self.waiting, self.swapped):
-                for seq_group in self._free_finished(queue, swapped=True):
+                for seq_group in self._free_finished(queue,
+                                                     only_gpu_blocks=False):
                     queue.remove(seq_group)
 
     def _free_finished(self, queue: Iterable[SequenceGroup],
-                       swapped: bool) -> list[SequenceGroup]:
-        """Free the finished sequences of ``queue`` (``swapped``: it may hold
-        CPU blocks, not in block_table); -> its finished groups."""
+                       only_gpu_blocks: bool) -> list[SequenceGroup]:
+        """Free the finished sequences of ``queue`` (``only_gpu_blocks``: the
+        queue holds no swapped sequence, whose CPU blocks are not in
+        block_table); -> its finished groups."""
         finished = []
         for seq_group in queue:
             for seq in seq_group.seqs:
-                if seq.is_finished and (seq.block_table or swapped):
+                if seq.is_finished and (seq.block_table or not only_gpu_blocks):
                     self.block_manager.free(seq)
             if seq_group.is_finished():
                 self.block_manager.observe_finished(seq_group)

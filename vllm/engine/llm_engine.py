@@ -65,9 +65,8 @@ def needs_host_tokens(params: SamplingParams) -> bool:
     """Whether a request's next step needs the tokens sampled so far on the
     host: the sampler reads them (penalties, min_tokens, bad words, logits
     processors)."""
-    return bool(params.presence_penalty or params.frequency_penalty
-                or params.repetition_penalty != 1.0 or params.min_tokens
-                or params.bad_words or params.logits_processors)
+    return bool(params.has_penalties or params.min_tokens or params.bad_words
+                or params.logits_processors)
 
 
 class TextPrompt(TypedDict):

@@ -315,10 +315,7 @@ def _add_penalties(host: "HostBuffers", params: list[SamplingParams],
                    prompt_token_ids: list[list[int]], vocab_size: int,
                    history_cache: "TokenHistoryCache | None") -> bool:
     """Per-row penalties and the keys of the tokens they touch."""
-    penalised = [
-        row for row, p in enumerate(params) if p.presence_penalty != 0.0
-        or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
-    ]
+    penalised = [row for row, p in enumerate(params) if p.has_penalties]
     if history_cache is not None:
         history_cache.start_step()
     if not penalised:

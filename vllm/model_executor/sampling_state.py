@@ -186,9 +186,7 @@ class SamplingState:
         self._slot_of[seq_id] = slot
         vocab_size = self.vocab_size
         greedy = params.sampling_type == SamplingType.GREEDY
-        penalised = (params.presence_penalty != 0.0
-                     or params.frequency_penalty != 0.0
-                     or params.repetition_penalty != 1.0)
+        penalised = params.has_penalties
         bad_words = checked_bad_words(params)
         processors = [(fn, bool(logits_processor_takes_prompt(fn)))
                       for fn in params.logits_processors or ()]
