@@ -6,13 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine.test_llm_engine import PROMPTS
 from vllm import EngineArgs, LLMEngine, SamplingParams
 from vllm.sampling_params import RequestOutputKind
-
-PROMPTS = [
-    "Once upon a time", "Lily and Tom went to the park", "The dog",
-    "One day, a little bird", "Sam had a big red ball and he", "The sun"
-]
 
 
 def _engine(path: Path, async_scheduling: bool, **kwargs) -> LLMEngine:
