@@ -2,8 +2,12 @@
 // float32 workspace of the partitioned (flash-decoding) path. The kernels and
 // the algorithm are in paged_attention_decode.cuh.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <limits>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 
 #include "../cuda_utils.cuh"
 #include "../ops.h"
@@ -49,6 +53,30 @@ inline int partition_size_for(int64_t ctas_per_partition, int64_t max_seq_len) {
     size /= 2;
   }
   return size;
+}
+
+// Arrival counters of the in-kernel merge (at least ``count``), zero
+// between launches: the last CTA of each column resets its own. One buffer
+// per device, grown only outside CUDA-graph capture and never freed (a
+// captured graph keeps its pointer). nullptr when it is too small during
+// capture: the reduce kernel merges instead.
+inline int* merge_counters(const at::Tensor& like, int64_t count,
+                           cudaStream_t stream) {
+  static std::mutex mutex;
+  static auto* buffers = new std::unordered_map<int, at::Tensor>();
+  static auto* retired = new std::vector<at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = (*buffers)[like.get_device()];
+  if (!buffer.defined() || buffer.numel() < count) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    VLLM_CHECK(cudaStreamIsCapturing(stream, &status) == cudaSuccess,
+               "paged_attention_decode: cudaStreamIsCapturing failed");
+    if (status != cudaStreamCaptureStatusNone) return nullptr;
+    if (buffer.defined()) retired->push_back(buffer);
+    buffer = at::zeros({std::max<int64_t>(count, 1 << 14)},
+                       like.options().dtype(at::kInt));
+  }
+  return buffer.data_ptr<int>();
 }
 
 }  // namespace decode
@@ -183,6 +211,10 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query,
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
   const cudaStream_t stream = vllm::current_stream();
+  if (num_partitions > 1 && num_partitions <= kMaxPartitionSize) {
+    params.counters = merge_counters(
+        query, num_seqs * num_kv_heads * head_groups, stream);
+  }
   const int seqs = static_cast<int>(num_seqs);
   switch (head_size) {
     case 64:
@@ -208,7 +240,7 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query,
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  if (num_partitions > 1) {
+  if (num_partitions > 1 && params.counters == nullptr) {
     const dim3 grid(static_cast<unsigned>(num_heads),
                     static_cast<unsigned>(num_seqs));
     const size_t smem = static_cast<size_t>(num_partitions) * sizeof(float);

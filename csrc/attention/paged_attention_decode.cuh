@@ -28,8 +28,13 @@
 //    shuffles, then across warps in shared memory, and divided by the sum.
 //  * If the sequence fits in one partition the CTA writes the output
 //    directly. Otherwise it writes its normalised partial output, max and
-//    sum (float32), and paged_attention_reduce_kernel merges the partitions:
-//    out = sum_p w_p * o_p / sum_p w_p with w_p = sum_p * exp2(max_p - max).
+//    sum (float32), and the partitions are merged:
+//    out = sum_p w_p * o_p / sum_p w_p with w_p = sum_p * exp2(max_p - max),
+//    by the last CTA of the sequence and head group to finish (an atomic
+//    arrival counter per CTA column, reset by that CTA: one kernel, no
+//    second launch), or by paged_attention_reduce_kernel when there is no
+//    counter buffer (more than kMaxPartitionSize partitions, or one could
+//    not be allocated during CUDA-graph capture).
 #pragma once
 
 #include "../cuda_utils.cuh"
@@ -96,6 +101,52 @@ struct TransposeReduce<1, OFFSET> {
     }
   }
 };
+
+// Merges the ``parts`` partitions of query heads first_head .. + num_q of
+// one sequence: out = sum_i w_i o_i / sum_i w_i, w_i = sum_i * exp2(max_i -
+// max). The partials were written by other CTAs: read through L2 (__ldcg).
+// s_weights holds GROUP x kMaxPartitionSize floats (parts must fit).
+template <typename T, int D, int GROUP>
+__device__ void merge_partitions(const Params& p, const int seq,
+                                 const int first_head, const int num_q,
+                                 const int parts, float* s_weights,
+                                 float* s_total) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t first =
+      (static_cast<int64_t>(seq) * p.num_heads + first_head) *
+      p.num_partitions;
+  for (int g = warp; g < num_q; g += kNumWarps) {  // a warp per head
+    const float* max_logits = p.max_logits + first + g * p.num_partitions;
+    const float* exp_sums = p.exp_sums + first + g * p.num_partitions;
+    float max_logit = -INFINITY;
+    for (int i = lane; i < parts; i += 32) {
+      max_logit = fmaxf(max_logit, __ldcg(max_logits + i));
+    }
+    max_logit = warp_max(max_logit);
+    float total = 0.0f;
+    for (int i = lane; i < parts; i += 32) {
+      const float w = __ldcg(exp_sums + i) * exp2f(__ldcg(max_logits + i) -
+                                                    max_logit);
+      s_weights[g * kMaxPartitionSize + i] = w;
+      total += w;
+    }
+    total = warp_sum(total);
+    if (lane == 0) s_total[g] = total;
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out);
+  for (int i = threadIdx.x; i < num_q * D; i += kNumThreads) {
+    const int g = i / D;
+    const int d = i % D;
+    const float* partial = p.tmp_out + (first + g * p.num_partitions) * D + d;
+    const float* weights = s_weights + g * kMaxPartitionSize;
+    float o = 0.0f;
+    for (int k = 0; k < parts; ++k) o += weights[k] * __ldcg(partial + k * D);
+    out[seq * p.out_stride_b + (first_head + g) * p.out_stride_h + d] =
+        from_float<T>(o / s_total[g]);
+  }
+}
 
 template <typename T, int D, int GROUP>
 __global__ void __launch_bounds__(kNumThreads)
@@ -350,6 +401,25 @@ __global__ void __launch_bounds__(kNumThreads)
       }
     }
   }
+  if (single_partition || p.counters == nullptr) return;
+
+  // The last CTA of this (sequence, head group) to finish merges all its
+  // partitions: no second kernel. Each CTA publishes its partials, then
+  // counts itself; the counter goes back to 0 for the next launch.
+  __shared__ bool s_last;
+  const int parts = (seq_len + p.partition_size - 1) / p.partition_size;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    int* counter = p.counters + seq * gridDim.x + blockIdx.x;
+    s_last = atomicAdd(counter, 1) == parts - 1;
+    if (s_last) *counter = 0;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  merge_partitions<T, D, GROUP>(p, seq, first_head, num_q, parts, s_buf,
+                                s_sum);
 }
 
 // Merges the partitions of one (sequence, query head): grid (H, B),

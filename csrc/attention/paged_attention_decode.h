@@ -36,6 +36,9 @@ struct Params {
   float* tmp_out;     // [B, H, num_partitions, D] normalised partial outputs
   float* max_logits;  // [B, H, num_partitions] max logit (log2 units)
   float* exp_sums;    // [B, H, num_partitions] sum of exp2(logit - max)
+  // [B, gridDim.x] arrival counts, zero between launches; nullptr: the
+  // reduce kernel merges the partitions.
+  int* counters;
   int64_t out_stride_b;
   int64_t out_stride_h;
   int64_t q_stride_b;

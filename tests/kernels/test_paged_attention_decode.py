@@ -170,10 +170,12 @@ def test_decode_irregular_gqa(num_heads: int, num_kv_heads: int):
     check(out, reference_decode(query, cache, 0.1), seq_lens, torch.bfloat16)
 
 
-@pytest.mark.parametrize("max_seq_len", [300, 512, 4096, 40960])
+@pytest.mark.parametrize("max_seq_len", [300, 512, 4096, 40960, 400_000])
 def test_decode_max_seq_len_is_an_upper_bound(max_seq_len: int):
     """With CUDA graphs max_seq_len is max_model_len: most partitions of
-    the grid then have nothing to do."""
+    the grid then have nothing to do. 400,000 gives more partitions than
+    the in-kernel merge takes: the reduce kernel merges. A second call gives
+    the same output (the merge's arrival counters were reset)."""
     torch.manual_seed(max_seq_len)
     seq_lens = [300, 1, 0, 129, 17]
     cache = PagedCache(seq_lens, 2, 64, 16, torch.bfloat16)
@@ -184,6 +186,7 @@ def test_decode_max_seq_len_is_an_upper_bound(max_seq_len: int):
                         device="cuda")
     out = run_decode(query, cache, 0.125, max_seq_len=max_seq_len)
     check(out, reference_decode(query, cache, 0.125), seq_lens, torch.bfloat16)
+    assert torch.equal(run_decode(query, cache, 0.125, max_seq_len), out)
 
 
 def test_decode_all_empty_sequences_write_zeros():
