@@ -24,7 +24,8 @@ from vllm.model_executor.layers import sampler as sampler_module  # noqa: E402
 from vllm.model_executor.layers.ops import (  # noqa: E402
     sampling_kernels as kernels)
 from vllm.model_executor.layers.sampler import (  # noqa: E402
-    LogprobsTensors, Sampler, compute_topk_logprobs)
+    LogprobsTensors, Sampler, _apply_penalty_counts, compute_topk_logprobs)
+from vllm.model_executor.sampling_metadata import PenaltyCounts  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -239,6 +240,39 @@ def test_draws_follow_the_truncated_softmax(temperature):
 
 
 # ----------------------------------------------------------------- logprobs
+@pytest.mark.parametrize("shape",
+                         [(3, 7), (5, 5000)] if INTERPRET else [(3, 7),
+                                                                (256, 151_936)])
+def test_penalties_match_torch(shape):
+    """Every penalised row, whole, as ``_apply_penalty_counts`` computes it:
+    rows in any order, slots elsewhere, -inf logits kept."""
+    num_rows, vocab_size = shape
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(num_rows, vocab_size, generator=gen) * 3
+    logits[0, :2] = NEG_INF
+    num_slots = num_rows + 4
+    counts = torch.randint(0, 4, (num_slots, vocab_size), generator=gen)
+    counts *= torch.rand(num_slots, vocab_size, generator=gen) < 0.1
+    rows = torch.randperm(num_rows, generator=gen)[:max(1, num_rows - 1)]
+    penalties = PenaltyCounts(
+        presence=torch.rand(num_rows, generator=gen) * 2 - 1,
+        frequency=torch.rand(num_rows, generator=gen) * 2 - 1,
+        repetition=torch.rand(num_rows, generator=gen) + 0.5,
+        rows=rows,
+        slots=torch.randperm(num_slots, generator=gen)[:len(rows)],
+        counts=counts.to(torch.int32),
+        in_prompt=torch.rand(num_slots, vocab_size, generator=gen) < 0.05)
+    on_device = PenaltyCounts(
+        **{
+            name: getattr(penalties, name).to(DEVICE)
+            for name in penalties.__dataclass_fields__
+        })
+    expected = _apply_penalty_counts(logits.clone(), penalties)
+    got = logits.to(DEVICE)
+    kernels.apply_penalties(got, on_device)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [0, 1, 5, -1])
 @pytest.mark.parametrize("shape",

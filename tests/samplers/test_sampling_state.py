@@ -1,7 +1,6 @@
 """SamplingState: metadata kept between steps must sample exactly as the
 metadata that SamplingMetadata.prepare rebuilds at every step."""
 import random
-from collections import Counter
 
 import pytest
 import torch
@@ -141,24 +140,20 @@ def test_incremental_counts_equal_recomputed_counts():
         md = state.prepare(seq_ids, [params] * len(seq_ids),
                            [None] * len(seq_ids), [outputs[i] for i in seq_ids],
                            [prompts[i] for i in seq_ids], VOCAB)
-        assert isinstance(md.penalties, PenaltyCounts)
-        # Every key's count is its token's count in that row's output.
-        keys = md.penalties.keys.tolist()
-        for key, count in zip(keys, md.penalties.counts.tolist()):
-            row, token = divmod(key, VOCAB)
-            assert count == Counter(outputs[seq_ids[row]])[token]
-        # The keys are exactly the row's prompt and output tokens.
-        for row in rows:
-            seen = {k % VOCAB for k in keys if k // VOCAB == row}
+        penalties = md.penalties
+        assert isinstance(penalties, PenaltyCounts)
+        assert penalties.rows.tolist() == rows
+        # Each row's slot holds its output's token counts and its prompt's
+        # tokens (the repetition penalty reads both).
+        for row, slot in zip(rows, penalties.slots.tolist()):
             seq = seq_ids[row]
-            assert seen == set(prompts[seq]) | set(outputs[seq])
-        assert state._counts is not None
-        for seq in seq_ids:
-            slot = state._slot_of[seq]
+            assert slot == state._slot_of[seq]
             expected = torch.bincount(torch.tensor(outputs[seq],
                                                    dtype=torch.int64),
                                       minlength=VOCAB)
-            assert torch.equal(state._counts[slot].long(), expected)
+            assert torch.equal(penalties.counts[slot].long(), expected)
+            in_prompt = penalties.in_prompt[slot].nonzero().view(-1)
+            assert set(in_prompt.tolist()) == set(prompts[seq])
 
     for _ in range(5):
         check([0, 1])

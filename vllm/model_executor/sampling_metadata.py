@@ -35,16 +35,17 @@ class PenaltyTensors:
 
 @dataclass
 class PenaltyCounts:
-    """The same penalties from ``SamplingState``, whose token counts stay on
-    the device between steps: the keys and their counts come ready."""
+    """The same penalties from ``SamplingState``, whose per-sequence token
+    counts stay on the device between steps, one row per slot."""
     presence: torch.Tensor  # [N] float32; 0.0 is off
     frequency: torch.Tensor  # [N] float32; 0.0 is off
     repetition: torch.Tensor  # [N] float32; 1.0 is off
-    # A key for every token the penalties touch (the output, and the prompt
-    # of rows with a repetition penalty). Keys may repeat: every copy of a
-    # key is written the same value.
-    keys: torch.Tensor  # [T] int64
-    counts: torch.Tensor  # [T] int32: each key's token count in the output
+    rows: torch.Tensor  # [P] int64: the penalised rows of the logits
+    slots: torch.Tensor  # [P] int64: the slot of each, in ``counts``
+    counts: torch.Tensor  # [slots, V] int32: each token's count in the output
+    # [slots, V] bool: the token is in the prompt (rows with a repetition
+    # penalty; False elsewhere)
+    in_prompt: torch.Tensor
 
 
 @dataclass

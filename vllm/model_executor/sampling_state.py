@@ -7,10 +7,10 @@ but keeps what does not change between steps:
 - every sequence that samples owns a slot; its parameters are converted
   once, when it joins. The per-row tensors are rebuilt only when the batch's
   sequences change: an unchanged all-greedy batch costs one list comparison.
-- for the penalties, each slot's token history (the prompt, for a repetition
-  penalty, then the output) and its output token counts ([slots, vocab]
-  int32) stay on the device; a step uploads only the tokens sampled since
-  the last one (three ints per row) and updates both in place.
+- for the penalties, each slot's output token counts ([slots, vocab] int32)
+  and which tokens its prompt holds ([slots, vocab] bool, for a repetition
+  penalty) stay on the device; a step uploads only the tokens sampled since
+  the last one (one int per row) and adds them to the counts in place.
 
 Only rows with min_tokens or bad words look at their outputs on the host at
 every step. A sequence absent from a step loses its slot (it finished, or
@@ -51,17 +51,14 @@ class _Request:
     allowed: np.ndarray | None  # token ids
     bad_words: list[list[int]] | None
     processors: list[tuple[LogitsProcessor, bool]]
-    uses_prompt: bool  # repetition penalty: the prompt is in the history
+    uses_prompt: bool  # a repetition penalty: it reads the prompt too
 
 
 @dataclass
-class _HistoryUpdate:
-    """What ``_update_histories`` uploads for the device side."""
-    lengths: np.ndarray  # [P] each penalised row's history length
-    rebuilt: bool = False
-    appended: bool = False
-    # Some row has no token at all: a per-step repetition tensor.
-    empty_rows: bool = False
+class _CountsUpdate:
+    """What ``_update_counts`` uploaded for the device side."""
+    rebuilt: bool = False  # rebuild_slots, rebuild_keys, prompt_keys
+    appended: bool = False  # append_keys
 
 
 @dataclass
@@ -111,15 +108,13 @@ class SamplingState:
         self._ints = np.zeros((0, 5), dtype=np.int64)
         self._requests: list[_Request | None] = []
         # Penalties: per slot, the output list whose tokens the device
-        # history holds, how many of them it holds, and the history length.
+        # counts hold, and how many of them they hold.
         self._outputs = np.empty(0, dtype=object)
         self._output_len = np.zeros(0, dtype=np.int64)
         self._last_token = np.zeros(0, dtype=np.int64)  # of that output
-        self._history_len = np.zeros(0, dtype=np.int64)
-        # [slots, L] int64: each history padded with its first token, so
-        # that every column is a key the penalties may write.
-        self._history: torch.Tensor | None = None
+        # Allocated with the first penalised sequence, grown with the slots.
         self._counts: torch.Tensor | None = None  # [slots, V] int32
+        self._in_prompt: torch.Tensor | None = None  # [slots, V] bool
         self._batch: _Batch | None = None
 
     @property
@@ -158,8 +153,8 @@ class SamplingState:
         if bad_rows:
             host.add("bad_rows", bad_rows, np.int64)
             host.add("bad_cols", bad_cols, np.int64)
-        update = self._update_histories(batch, output_token_ids,
-                                        prompt_token_ids, host)
+        update = self._update_counts(batch, output_token_ids, prompt_token_ids,
+                                     host)
         get = host.to_device()
         penalties = None
         if batch.penalised_rows:
@@ -231,10 +226,9 @@ class SamplingState:
                                         processors=processors,
                                         uses_prompt=params.repetition_penalty
                                         != 1.0)
-        # No history yet: the first step converts it.
+        # No counts yet: the first step converts the output.
         self._outputs[slot] = None
         self._output_len[slot] = 0
-        self._history_len[slot] = 0
         return slot
 
     def _release(self, seq_id: int) -> None:
@@ -250,7 +244,6 @@ class SamplingState:
         self._outputs = np.resize(self._outputs, num_slots)
         self._output_len = np.resize(self._output_len, num_slots)
         self._last_token = np.resize(self._last_token, num_slots)
-        self._history_len = np.resize(self._history_len, num_slots)
         self._requests += [None] * (num_slots - old)
         # Lowest slots first.
         self._free += reversed(range(old, num_slots))
@@ -420,16 +413,15 @@ class SamplingState:
         return mask_rows.tolist(), mask_cols.tolist()
 
     # ------------------------------------------------------------ penalties
-    def _update_histories(self, batch: _Batch,
-                          output_token_ids: list[list[int]],
-                          prompt_token_ids: list[list[int]],
-                          host: HostBuffers) -> _HistoryUpdate:
-        """Host side of bringing the penalised rows' device histories and
-        counts up to date: append the one token each output gained since the
-        last step, rebuild the rows that changed otherwise."""
+    def _update_counts(self, batch: _Batch, output_token_ids: list[list[int]],
+                       prompt_token_ids: list[list[int]],
+                       host: HostBuffers) -> _CountsUpdate:
+        """Host side of bringing the penalised rows' device counts up to
+        date: add the one token each output gained since the last step,
+        rebuild the rows that changed otherwise (and new ones)."""
         rows = batch.penalised_rows
         if not rows:
-            return _HistoryUpdate(np.zeros(0, dtype=np.int64))
+            return _CountsUpdate()
         slots = batch.penalised_slots
         outputs = list(map(output_token_ids.__getitem__, rows))
         lengths = np.fromiter(map(len, outputs),
@@ -449,126 +441,87 @@ class SamplingState:
                                      dtype=np.int64,
                                      count=len(check))
             same[check] &= last_known == self._last_token[slots[check]]
-        history_len = self._history_len[slots]
-        # A history that was empty has no token to pad with: rebuilt.
-        append = same & (grown == 1) & (history_len > 0)
+        append = same & (grown == 1)
         rebuild = ~append & ~(same & (grown == 0))
-        update = _HistoryUpdate(history_len + append, bool(rebuild.any()),
-                                bool(append.any()))
-        histories = []
-        rebuilt = np.flatnonzero(rebuild).tolist()
-        for i in rebuilt:
-            request = self._request_of(batch, rows[i])
-            prompt = prompt_token_ids[rows[i]] if request.uses_prompt else []
-            histories.append(np.asarray(prompt + outputs[i], dtype=np.int64))
-            update.lengths[i] = len(histories[-1])
-            self._outputs[slots[i]] = outputs[i]
-            self._output_len[slots[i]] = len(outputs[i])
-            self._last_token[slots[i]] = outputs[i][-1] if outputs[i] else -1
-        if update.rebuilt or update.appended:
-            width = self._ensure_history(int(update.lengths.max()))
+        update = _CountsUpdate(bool(rebuild.any()), bool(append.any()))
+        vocab_size = self.vocab_size
         if update.rebuilt:
-            padded = np.zeros((len(rebuilt), width), dtype=np.int64)
-            for out, history in zip(padded, histories):
-                out[:len(history)] = history
-                out[len(history):] = history[0] if len(history) else 0
-            count_slots, count_tokens = pairs(slots[rebuilt].tolist(),
+            self._ensure_counts()
+            rebuilt = np.flatnonzero(rebuild).tolist()
+            rebuilt_slots = slots[rebuilt]
+            count_slots, count_tokens = pairs(rebuilt_slots.tolist(),
                                               [outputs[i] for i in rebuilt])
-            host.add("rebuild_slots", slots[rebuilt], np.int64)
-            host.add("rebuild_histories", padded, np.int64)
-            host.add("rebuild_count_keys",
-                     count_slots * self.vocab_size + count_tokens, np.int64)
+            prompts = [
+                prompt_token_ids[rows[i]]
+                if self._request_of(batch, rows[i]).uses_prompt else []
+                for i in rebuilt
+            ]
+            prompt_slots, prompt_tokens = pairs(rebuilt_slots.tolist(), prompts)
+            host.add("rebuild_slots", rebuilt_slots, np.int64)
+            host.add("rebuild_keys", count_slots * vocab_size + count_tokens,
+                     np.int64)
+            host.add("prompt_keys", prompt_slots * vocab_size + prompt_tokens,
+                     np.int64)
+            for i in rebuilt:
+                self._outputs[slots[i]] = outputs[i]
+                self._output_len[slots[i]] = len(outputs[i])
+                self._last_token[
+                    slots[i]] = outputs[i][-1] if outputs[i] else -1
         if update.appended:
             appended = np.flatnonzero(append)
             last = np.fromiter(map(operator.itemgetter(-1),
                                    _pick(outputs, appended)),
                                dtype=np.int64,
                                count=len(appended))
-            host.add("append_slots", slots[appended], np.int64)
-            host.add("append_positions", history_len[appended], np.int64)
-            host.add("append_tokens", last, np.int64)
-            host.add("append_count_keys",
-                     slots[appended] * self.vocab_size + last, np.int64)
+            host.add("append_keys", slots[appended] * vocab_size + last,
+                     np.int64)
             self._output_len[slots[appended]] += 1
             self._last_token[slots[appended]] = last
-        self._history_len[slots] = update.lengths
-        if not update.lengths.all():
-            # A row without any token has nothing to penalise: its keys all
-            # repeat token 0, which a repetition penalty must not touch.
-            update.empty_rows = True
-            repetition = self._floats[self._slot_array(batch), _REPETITION]
-            repetition[rows] = np.where(update.lengths == 0, 1.0,
-                                        repetition[rows])
-            host.add("repetition_now", repetition, np.float32)
         return update
 
-    def _slot_array(self, batch: _Batch) -> np.ndarray:
-        return np.fromiter(map(self._slot_of.__getitem__, batch.seq_ids),
-                           dtype=np.int64,
-                           count=len(batch.seq_ids))
-
-    def _ensure_history(self, length: int) -> int:
-        """Room on the device for every slot and ``length`` history tokens
-        per slot; returns the history's width."""
+    def _ensure_counts(self) -> None:
+        """Device rows for every slot (the slots only grow)."""
         num_slots = len(self._requests)
-        history = self._history
-        width = 64 if history is None else history.shape[1]
-        while width < length:
-            width *= 2
-        if history is not None and history.shape == (num_slots, width):
-            return width
-        grown = torch.zeros((num_slots, width),
-                            dtype=torch.int64,
-                            device=self.device)
+        if self._counts is not None and self._counts.shape[0] == num_slots:
+            return
         counts = torch.zeros((num_slots, self.vocab_size),
                              dtype=torch.int32,
                              device=self.device)
-        if history is not None and self._counts is not None:
-            rows, old_width = history.shape
-            grown[:rows, :old_width] = history
-            # New columns repeat each history's first token (padding).
-            grown[:rows, old_width:] = history[:, :1]
-            counts[:rows] = self._counts
-        self._history, self._counts = grown, counts
-        return width
+        in_prompt = torch.zeros((num_slots, self.vocab_size),
+                                dtype=torch.bool,
+                                device=self.device)
+        if self._counts is not None and self._in_prompt is not None:
+            counts[:self._counts.shape[0]] = self._counts
+            in_prompt[:self._in_prompt.shape[0]] = self._in_prompt
+        self._counts, self._in_prompt = counts, in_prompt
 
-    def _penalty_counts(self, batch: _Batch, update: _HistoryUpdate,
+    def _penalty_counts(self, batch: _Batch, update: _CountsUpdate,
                         get: Callable[[str], torch.Tensor]) -> PenaltyCounts:
-        """Device side: apply the uploaded updates, then the keys of every
-        history token and their output counts."""
-        history, counts = self._history, self._counts
-        assert history is not None and counts is not None
+        """Device side: apply the uploaded updates to the counts."""
+        counts, in_prompt = self._counts, self._in_prompt
+        assert counts is not None and in_prompt is not None
         assert batch.penalised_rows_dev is not None
         assert batch.penalised_slots_dev is not None
         assert batch.penalty_params is not None
-        # Output counts grow by index_add_ on the flat view (atomics).
+        # Counts grow by index_add_ on the flat view (atomics).
         flat_counts = counts.view(-1)
         if update.rebuilt:
             rebuilt = get("rebuild_slots")
-            history.index_copy_(
-                0, rebuilt,
-                get("rebuild_histories").view(len(rebuilt), history.shape[1]))
             counts.index_fill_(0, rebuilt, 0)
-            keys = get("rebuild_count_keys")
+            keys = get("rebuild_keys")
             flat_counts.index_add_(0, keys,
                                    torch.ones_like(keys, dtype=torch.int32))
+            in_prompt.index_fill_(0, rebuilt, False)
+            in_prompt.view(-1).index_fill_(0, get("prompt_keys"), True)
         if update.appended:
-            history.index_put_((get("append_slots"), get("append_positions")),
-                               get("append_tokens"))
-            keys = get("append_count_keys")
+            keys = get("append_keys")
             flat_counts.index_add_(0, keys,
                                    torch.ones_like(keys, dtype=torch.int32))
-        # Every penalised row's history, padded to the longest: [P, L].
-        length = max(1, int(update.lengths.max()))
-        slots = batch.penalised_slots_dev
-        tokens = history[:, :length].index_select(0, slots)
-        rows = batch.penalised_rows_dev.unsqueeze(1)
         presence, frequency, repetition = batch.penalty_params
-        return PenaltyCounts(
-            presence=presence,
-            frequency=frequency,
-            repetition=(get("repetition_now")
-                        if update.empty_rows else repetition),
-            keys=(tokens + rows * self.vocab_size).view(-1),
-            counts=counts.view(-1).index_select(
-                0, (tokens + slots.unsqueeze(1) * self.vocab_size).view(-1)))
+        return PenaltyCounts(presence=presence,
+                             frequency=frequency,
+                             repetition=repetition,
+                             rows=batch.penalised_rows_dev,
+                             slots=batch.penalised_slots_dev,
+                             counts=counts,
+                             in_prompt=in_prompt)

@@ -60,36 +60,13 @@ class PendingOutput:
         # A recheck may still change sampled ids on the host's request
         # (SamplerOutput.to_host): no later step may read them before that.
         self.final_on_device = output is None or output.recheck is None
-        self._host: list[torch.Tensor] = []
-        self._copied: torch.cuda.Event | None = None
-        if (output is not None and output.recheck is None
-                and output.sampled_token_ids.is_cuda):
-            tensors = [output.sampled_token_ids]
-            lp = output.logprobs_tensors
-            if lp is not None:
-                tensors += [
-                    lp.logprob_token_ids, lp.logprobs, lp.selected_token_ranks
-                ]
-            self._host = [
-                torch.empty(t.shape, dtype=t.dtype,
-                            pin_memory=True).copy_(t, non_blocking=True)
-                for t in tensors
-            ]
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+        self._copy = None if output is None else output.start_copy()
 
     def get(self) -> ModelRunnerOutput:
         """Wait for the step's sampled tokens; -> them on the host."""
-        output = self._output
-        if output is None:
+        if self._output is None or self._copy is None:
             return ModelRunnerOutput([], [], None, self.prompt_logprobs)
-        if self._copied is None:
-            sampled, logprobs = output.to_host()
-        else:
-            self._copied.synchronize()
-            sampled = self._host[0].tolist()
-            logprobs = (LogprobsTensors(
-                *self._host[1:]) if len(self._host) > 1 else None)
+        sampled, logprobs = self._output.to_host(self._copy)
         return ModelRunnerOutput(self.seq_ids, sampled, logprobs,
                                  self.prompt_logprobs)
 

@@ -106,32 +106,63 @@ class SamplerOutput:
     logprobs_tensors: LogprobsTensors | None  # None when no row asked
     recheck: Recheck | None = None  # None: every row is exact
 
-    def to_host(self) -> tuple[list[int], LogprobsTensors | None]:
-        """The sampled ids and logprobs on the host.
+    def start_copy(self) -> "HostCopy":
+        """Queue the copy of everything ``to_host`` needs: the ids, the
+        recheck marks and the logprobs."""
+        tensors = [self.sampled_token_ids]
+        if self.recheck is not None:
+            tensors.append(self.recheck.rows)
+        lp = self.logprobs_tensors
+        if lp is not None:
+            tensors += [
+                lp.logprob_token_ids, lp.logprobs, lp.selected_token_ranks
+            ]
+        return HostCopy(tensors)
 
-        The ids come with the recheck marks in one device-to-host copy. Only
-        when some row is marked are those rows drawn again, exactly, before
-        a second copy.
+    def to_host(
+        self,
+        copy: "HostCopy | None" = None
+    ) -> tuple[list[int], LogprobsTensors | None]:
+        """The sampled ids and logprobs on the host, from ``copy`` (that of
+        ``start_copy``, started now when None).
+
+        The step waits for the device once. Only when some row is marked
+        for a recheck are those rows drawn again, exactly, before a second
+        copy.
         """
-        recheck = self.recheck
-        if recheck is None:
-            sampled = self.sampled_token_ids.tolist()
-        else:
-            num_rows = self.sampled_token_ids.shape[0]
-            both = torch.cat([self.sampled_token_ids,
-                              recheck.rows.long()]).tolist()
-            sampled = both[:num_rows]
-            rows = [row for row, flag in enumerate(both[num_rows:]) if flag]
+        host = (copy or self.start_copy()).wait()
+        recheck, self.recheck = self.recheck, None
+        if recheck is not None:
+            rows = host.pop(1).nonzero().view(-1).tolist()
             if rows:
                 _sample_again(self, recheck, rows)
-                sampled = self.sampled_token_ids.tolist()
-            self.recheck = None
-        lp = self.logprobs_tensors
-        if lp is None:
+                return self.to_host()
+        sampled = host[0].tolist()
+        if self.logprobs_tensors is None:
             return sampled, None
-        return sampled, LogprobsTensors(lp.logprob_token_ids.cpu(),
-                                        lp.logprobs.cpu(),
-                                        lp.selected_token_ranks.cpu())
+        return sampled, LogprobsTensors(*host[1:])
+
+
+class HostCopy:
+    """CPU copies of tensors of one device. From CUDA: asynchronous copies
+    to pinned memory, queued now, waited for by ``wait``."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self._event = None
+        self._tensors = tensors
+        if tensors[0].is_cuda:
+            self._tensors = [
+                torch.empty(t.shape, dtype=t.dtype,
+                            pin_memory=True).copy_(t, non_blocking=True)
+                for t in tensors
+            ]
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._event is not None:
+            self._event.synchronize()
+        return list(self._tensors)
 
 
 class Sampler(torch.nn.Module):
@@ -228,24 +259,28 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     logits / r, negative ones * r), then - frequency * count - presence *
     (count > 0) with the token's count in the output.
 
-    Touches only the [T] positions of the tokens seen, never [N, V]. The
-    output counts come with ``PenaltyCounts`` (``SamplingState`` keeps them
-    on the device), or from one sort of ``PenaltyTensors``' output keys and
-    two binary searches. A token seen several times is written several
-    times, always with the same value.
+    With ``PenaltyCounts`` (``SamplingState`` keeps each sequence's counts
+    on the device), the penalised rows are rewritten whole, in one Triton
+    launch on CUDA. ``PenaltyTensors`` list the tokens seen: only those
+    [T] positions change, never [N, V]; their output counts come from one
+    sort of the output keys and two binary searches (a token seen several
+    times is written several times, always with the same value).
     """
     penalties = md.penalties
     if penalties is None:
         return logits
-    flat = logits.view(-1)  # [N * V]; keys index it
     if isinstance(penalties, PenaltyCounts):
-        keys, count = penalties.keys, penalties.counts
-    else:
-        # The positions whose logits change: every token seen.
-        keys = torch.cat([penalties.output_keys, penalties.prompt_keys])
-        sorted_output = penalties.output_keys.sort().values  # [T_out]
-        count = (torch.searchsorted(sorted_output, keys, right=True) -
-                 torch.searchsorted(sorted_output, keys))  # [T] in the output
+        kernels = _sampling_kernels(logits)
+        if kernels is not None:
+            kernels.apply_penalties(logits, penalties)
+            return logits
+        return _apply_penalty_counts(logits, penalties)
+    flat = logits.view(-1)  # [N * V]; keys index it
+    # The positions whose logits change: every token seen.
+    keys = torch.cat([penalties.output_keys, penalties.prompt_keys])
+    sorted_output = penalties.output_keys.sort().values  # [T_out]
+    count = (torch.searchsorted(sorted_output, keys, right=True) -
+             torch.searchsorted(sorted_output, keys))  # [T] in the output
     rows = keys // logits.shape[-1]  # [T]
     values = flat.index_select(0, keys)  # [T]
     repetition = penalties.repetition[rows]
@@ -254,6 +289,23 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
               penalties.presence[rows] * (count > 0))
     flat[keys] = values
     return logits
+
+
+def _apply_penalty_counts(logits: torch.Tensor,
+                          penalties: PenaltyCounts) -> torch.Tensor:
+    """``apply_penalties`` on whole rows [P, V], the same arithmetic."""
+    rows = penalties.rows
+    counts = penalties.counts.index_select(0, penalties.slots)  # [P, V]
+    in_output = counts > 0
+    seen = in_output | penalties.in_prompt.index_select(0, penalties.slots)
+    values = logits.index_select(0, rows)
+    repetition = penalties.repetition[rows].unsqueeze(1)
+    values = torch.where(
+        seen, torch.where(values > 0, values / repetition, values * repetition),
+        values)
+    values = (values - penalties.frequency[rows].unsqueeze(1) * counts -
+              penalties.presence[rows].unsqueeze(1) * in_output)
+    return logits.index_copy_(0, rows, values)
 
 
 # ----------------------------------------------------------------- sampling

@@ -13,6 +13,9 @@ used, to keep enough bytes in flight):
   own generators.
 - ``row_stats``: each row's max and σ (for the thresholds that top-k/top-p
   refine), in one pass.
+- ``apply_penalties``: ``sampler.apply_penalties`` with the counts that
+  ``SamplingState`` keeps on the device, on the penalised rows of the
+  float32 logits, in place (a grid over rows and column blocks).
 - ``topk_logprobs``: logprobs without log_softmax over [N, V]: one pass for
   each row's logsumexp, the rank of a given token and the maximum of each
   segment of ``_SEGMENT`` columns, which narrows the top-k search to a few
@@ -20,9 +23,14 @@ used, to keep enough bytes in flight):
 
 Import it only where triton is installed (``ops.get_sampling_kernels``).
 """
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from vllm.model_executor.sampling_metadata import PenaltyCounts
 
 # Columns a program reads per step (16 per thread with 8 warps), seen as
 # [_TILE // _SEGMENT, _SEGMENT] by the passes that reduce segments.
@@ -230,6 +238,54 @@ def row_stats(x: torch.Tensor,
                                     TILE=_TILE,
                                     num_warps=_NUM_WARPS)
     return out[0], out[1] if sigma else None
+
+
+# --------------------------------------------------------- apply_penalties
+@triton.jit
+def _apply_penalties_kernel(x_ptr, row_stride, vocab_size, rows_ptr, slots_ptr,
+                            counts_ptr, in_prompt_ptr, presence_ptr,
+                            frequency_ptr, repetition_ptr, BLOCK: tl.constexpr):
+    row = tl.load(rows_ptr + tl.program_id(0))
+    slot = tl.load(slots_ptr + tl.program_id(0))
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < vocab_size
+    x_at = x_ptr + row * row_stride + cols
+    x = tl.load(x_at, mask=mask)
+    count = tl.load(counts_ptr + slot * vocab_size + cols, mask=mask, other=0)
+    in_prompt = tl.load(in_prompt_ptr + slot * vocab_size + cols,
+                        mask=mask,
+                        other=0)
+    in_output = count > 0
+    repetition = tl.load(repetition_ptr + row)
+    # IEEE division, as torch's: x / r must round the same way.
+    penalised = tl.where(x > 0, tl.math.div_rn(x, repetition), x * repetition)
+    x = tl.where(in_output | (in_prompt != 0), penalised, x)
+    x = (x - tl.load(frequency_ptr + row) * count.to(tl.float32) -
+         tl.load(presence_ptr + row) * in_output.to(tl.float32))
+    tl.store(x_at, x, mask=mask)
+
+
+def apply_penalties(x: torch.Tensor, penalties: "PenaltyCounts") -> None:
+    """Repetition, frequency and presence penalties on the rows
+    ``penalties.rows`` of ``x`` [N, V] float32 (columns contiguous), in
+    place, from each row's slot of the counts."""
+    assert x.dtype == torch.float32 and x.stride(-1) == 1
+    num_rows = penalties.rows.shape[0]
+    vocab_size = x.shape[1]
+    block = 2048
+    _apply_penalties_kernel[(num_rows, triton.cdiv(vocab_size, block))](
+        x,
+        x.stride(0),
+        vocab_size,
+        penalties.rows,
+        penalties.slots,
+        penalties.counts,
+        penalties.in_prompt.view(torch.uint8),
+        penalties.presence,
+        penalties.frequency,
+        penalties.repetition,
+        BLOCK=block,
+        num_warps=4)
 
 
 # ----------------------------------------------------------- topk_logprobs
