@@ -82,6 +82,9 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]
     # The rows of ``generators``, in its order [S] int64; None when empty.
     seeded_rows: torch.Tensor | None
+    # Each row's index in ``generators`` [N] int64, -1 when unseeded; None
+    # when no row is seeded.
+    seeded_index: torch.Tensor | None
     # Top logprobs to return (the batch's largest request); None: no row asked.
     max_num_logprobs: int | None
     # Positions that min_tokens forbids (row, token id): (rows [M], cols [M]).
@@ -192,6 +195,8 @@ class SamplingMetadata:
         host.add("is_greedy", is_greedy, np.int64)
         if seeded:
             host.add("seeded_rows", list(seeded), np.int64)
+            host.add("seeded_index", seeded_index(seeded, len(params)),
+                     np.int64)
         if use_top_p:
             host.add("top_p", [p.top_p for p in params], np.float32)
         if use_top_k:
@@ -239,6 +244,7 @@ class SamplingMetadata:
             top_n_sigma=get("top_n_sigma") if use_top_n_sigma else None,
             generators=seeded,
             seeded_rows=get("seeded_rows") if seeded else None,
+            seeded_index=get("seeded_index") if seeded else None,
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
             min_tokens_mask=(pair("min_tokens_rows", "min_tokens_cols")
                              if mask_rows else None),
@@ -433,6 +439,14 @@ def _add_allowed_token_ids(host: "HostBuffers", params: list[SamplingParams],
     host.add("allowed_rows", rows[keep], np.int64)
     host.add("allowed_cols", cols[keep], np.int64)
     return True
+
+
+def seeded_index(seeded: dict[int, torch.Generator],
+                 num_rows: int) -> np.ndarray:
+    """``SamplingMetadata.seeded_index`` of the seeded rows ``seeded``."""
+    index = np.full(num_rows, -1, dtype=np.int64)
+    index[list(seeded)] = np.arange(len(seeded))
+    return index
 
 
 def pairs(

@@ -28,7 +28,8 @@ import torch
 from vllm.model_executor.sampling_metadata import (HostBuffers, PenaltyCounts,
                                                    SamplingMetadata,
                                                    bad_words_pairs,
-                                                   checked_bad_words, pairs)
+                                                   checked_bad_words, pairs,
+                                                   seeded_index)
 from vllm.sampling_params import (LogitsProcessor, SamplingParams, SamplingType,
                                   logits_processor_takes_prompt)
 
@@ -303,6 +304,8 @@ class SamplingState:
         host.add("temperature", floats[:, _TEMPERATURE], np.float32)
         if seeded:
             host.add("seeded_rows", list(seeded), np.int64)
+            host.add("seeded_index", seeded_index(seeded, len(seq_ids)),
+                     np.int64)
         host.add("is_greedy", is_greedy, np.int64)
         if use_top_p:
             host.add("top_p", top_p, np.float32)
@@ -368,6 +371,7 @@ class SamplingState:
             top_n_sigma=get("top_n_sigma") if use_top_n_sigma else None,
             generators=seeded,
             seeded_rows=get("seeded_rows") if seeded else None,
+            seeded_index=get("seeded_index") if seeded else None,
             max_num_logprobs=(int(num_logprobs.max()) if
                               (num_logprobs >= 0).any() else None),
             min_tokens_mask=None,

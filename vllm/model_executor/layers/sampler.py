@@ -658,15 +658,9 @@ def fused_random_sample(kernels: ModuleType,
     temperature = md.temperature
     if not md.all_random:
         temperature = temperature.masked_fill(md.is_greedy, 0.0)
-    seeded_log_q = seeded_index = None
+    seeded_log_q = None
     if md.seeded_rows is not None:
         seeded_log_q = _seeded_log_q(md, logits.shape[-1], logits)
-        seeded_index = torch.full((logits.shape[0], ),
-                                  -1,
-                                  dtype=torch.int64,
-                                  device=logits.device)
-        seeded_index[md.seeded_rows] = torch.arange(len(md.generators),
-                                                    device=logits.device)
     seed = int(torch.randint(1 << 32, 1 << 62, ()).item())
     rules_done = threshold is not None
     return kernels.sample(logits,
@@ -676,7 +670,7 @@ def fused_random_sample(kernels: ModuleType,
                           top_n_sigma=None if rules_done else md.top_n_sigma,
                           min_p=None if rules_done else md.min_p,
                           seeded_log_q=seeded_log_q,
-                          seeded_index=seeded_index)
+                          seeded_index=md.seeded_index)
 
 
 def _seeded_log_q(md: SamplingMetadata, vocab_size: int,

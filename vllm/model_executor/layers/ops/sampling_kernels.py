@@ -290,14 +290,14 @@ def apply_penalties(x: torch.Tensor, penalties: "PenaltyCounts") -> None:
 
 # ----------------------------------------------------------- topk_logprobs
 @triton.jit
-def _logprob_stats_kernel(x_ptr, row_stride, vocab_size, chosen_ptr,
-                          row_max_ptr, log_sum_ptr, num_above_ptr,
-                          segment_max_ptr, num_segments, TILE: tl.constexpr,
+def _logprob_stats_kernel(x_ptr, row_stride, vocab_size, token_ptr, chosen_ptr,
+                          rank_ptr, row_max_ptr, log_sum_ptr, segment_max_ptr,
+                          num_segments, TILE: tl.constexpr,
                           SEGMENT: tl.constexpr):
     ROWS: tl.constexpr = TILE // SEGMENT
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * row_stride
-    chosen = tl.load(chosen_ptr + row)
+    chosen = tl.load(x_row + tl.load(token_ptr + row)).to(tl.float32)
     # A tile as [ROWS, SEGMENT]: segment r of the tile is its row r.
     cols = (tl.arange(0, ROWS)[:, None] * SEGMENT +
             tl.arange(0, SEGMENT)[None, :])
@@ -323,9 +323,13 @@ def _logprob_stats_kernel(x_ptr, row_stride, vocab_size, chosen_ptr,
     row_max = tl.max(tl.max(run_max, axis=1), axis=0)
     scale = tl.where(run_max == float("-inf"), 0.0, tl.exp(run_max - row_max))
     total = tl.sum(tl.sum(sum_exp * scale, axis=1), axis=0)
+    log_sum = tl.log(total)
     tl.store(row_max_ptr + row, row_max)
-    tl.store(log_sum_ptr + row, tl.log(total))
-    tl.store(num_above_ptr + row, tl.sum(tl.sum(num_above, axis=1), axis=0))
+    tl.store(log_sum_ptr + row, log_sum)
+    # Rounded as log_softmax is: (x - max) - log(sum(exp(x - max))).
+    tl.store(chosen_ptr + row, (chosen - row_max) - log_sum)
+    num_above_row = tl.sum(tl.sum(num_above, axis=1), axis=0)
+    tl.store(rank_ptr + row, num_above_row.to(tl.int64) + 1)
 
 
 def topk_logprobs(
@@ -344,16 +348,15 @@ def topk_logprobs(
     """
     logits = _columns_contiguous(logits)
     num_rows, vocab_size = logits.shape
-    token_ids = token_ids.view(num_rows, 1)
-    chosen = logits.gather(dim=1, index=token_ids).float()  # [M, 1]
+    token_ids = token_ids.reshape(num_rows).contiguous()
     num_segments = triton.cdiv(vocab_size, _SEGMENT)
     # log p = (x - max) - log(sum(exp(x - max))), rounded as log_softmax is.
-    row_max, log_sum = torch.empty(2,
-                                   num_rows,
-                                   1,
-                                   dtype=torch.float32,
-                                   device=logits.device)
-    num_above = torch.empty(num_rows, dtype=torch.int32, device=logits.device)
+    chosen, row_max, log_sum = torch.empty(3,
+                                           num_rows,
+                                           1,
+                                           dtype=torch.float32,
+                                           device=logits.device)
+    ranks = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     segment_max = torch.empty(num_rows,
                               num_segments,
                               dtype=torch.float32,
@@ -361,10 +364,11 @@ def topk_logprobs(
     _logprob_stats_kernel[(num_rows, )](logits,
                                         logits.stride(0),
                                         vocab_size,
+                                        token_ids,
                                         chosen,
+                                        ranks,
                                         row_max,
                                         log_sum,
-                                        num_above,
                                         segment_max,
                                         num_segments,
                                         TILE=_TILE,
@@ -385,5 +389,5 @@ def topk_logprobs(
         candidates.masked_fill_(past, float("-inf"))
         top_values, best = candidates.topk(k, dim=-1)
         top_ids = ids.gather(dim=1, index=best)
-    return ((chosen - row_max).sub_(log_sum), num_above.long() + 1,
-            (top_values.float() - row_max).sub_(log_sum), top_ids)
+    return (chosen, ranks, (top_values.float() - row_max).sub_(log_sum),
+            top_ids)
