@@ -118,12 +118,6 @@ def gumbel_reference(x: torch.Tensor, threshold: torch.Tensor,
     return score.argmax(dim=1)
 
 
-def seeded_noise(num_rows: int, vocab_size: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.empty(num_rows, vocab_size).uniform_(generator=gen)
-    return q.log_().neg_().log_().to(DEVICE)
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_greedy_rows_take_the_first_argmax(shape, dtype):
@@ -140,11 +134,11 @@ def test_greedy_rows_take_the_first_argmax(shape, dtype):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_seeded_rows_draw_what_torch_draws(shape, dtype):
-    """Rows with precomputed noise (seeded) give the tokens of the torch
-    draw with that noise, whatever the other rows, with the thresholds of
-    the sampler's rules (top-nσ, min_p, a given one); unseeded rows keep
-    to their threshold."""
+def test_seeded_rows_draw_with_the_noise_of_their_keys(shape, dtype):
+    """Seeded rows give the tokens of the torch draw with the noise that
+    ``seeded_log_q`` gives their keys, whatever the other rows, with the
+    thresholds of the sampler's rules (top-nσ, min_p, a given one);
+    unseeded rows keep to their threshold."""
     num_rows, vocab_size = shape
     logits = make_logits(num_rows, vocab_size, dtype, seed=3)
     x = logits.float()
@@ -162,9 +156,13 @@ def test_seeded_rows_draw_what_torch_draws(shape, dtype):
                                   NEG_INF)
     threshold = torch.maximum(
         torch.maximum(top_n_sigma_threshold, min_p_threshold), given)
-    # Every other row seeded, with rows of the noise in reverse order.
+    # Every other row seeded, with keys in reverse order.
     seeded_rows = torch.arange(0, num_rows, 2, device=DEVICE)
-    noise = seeded_noise(len(seeded_rows), vocab_size, seed=4)
+    keys = torch.randint(1 << 62, (len(seeded_rows), ),
+                         generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    token_ids = torch.arange(vocab_size, device=DEVICE)
+    noise = kernels.seeded_log_q(keys,
+                                 token_ids.expand(len(seeded_rows), vocab_size))
     seeded_index = torch.full((num_rows, ), -1, device=DEVICE)
     seeded_index[seeded_rows.flip(0)] = torch.arange(len(seeded_rows),
                                                      device=DEVICE)
@@ -174,7 +172,7 @@ def test_seeded_rows_draw_what_torch_draws(shape, dtype):
                             threshold=given,
                             top_n_sigma=top_n_sigma,
                             min_p=min_p,
-                            seeded_log_q=noise,
+                            seeded_keys=keys,
                             seeded_index=seeded_index)
     expected = gumbel_reference(x[seeded_rows], threshold[seeded_rows],
                                 temperature[seeded_rows], noise.flip(0))
@@ -343,15 +341,20 @@ def mixed_params(num_rows: int, vocab_size: int,
     return params
 
 
-def run(logits: torch.Tensor, params: list[SamplingParams],
-        fused: bool) -> tuple[list[int], LogprobsTensors | None]:
+def run(logits: torch.Tensor,
+        params: list[SamplingParams],
+        fused: bool,
+        rows: list[int] | None = None
+        ) -> tuple[list[int], LogprobsTensors | None]:
+    """The Sampler on ``logits``; row i's output tokens are those of row
+    ``rows[i]`` of the whole batch."""
     vocab_size = logits.shape[1]
+    rows = rows or list(range(len(params)))
     generators = [
         None if p.seed is None else torch.Generator(DEVICE).manual_seed(p.seed)
         for p in params
     ]
-    outputs = [[(row * 7 + i) % vocab_size for i in range(5)]
-               for row in range(len(params))]
+    outputs = [[(row * 7 + i) % vocab_size for i in range(5)] for row in rows]
     md = make_metadata(params,
                        vocab_size,
                        generators=generators,
@@ -366,8 +369,9 @@ def run(logits: torch.Tensor, params: list[SamplingParams],
 
 @pytest.mark.parametrize("with_top_k", [False, True])
 def test_sampler_keeps_greedy_and_seeded_tokens(monkeypatch, with_top_k):
-    """The fused path gives the greedy and seeded rows the tokens (and
-    logprobs) of the torch path."""
+    """The fused path gives the greedy rows the tokens (and logprobs) of the
+    torch path, and the seeded rows the same tokens whatever the rest of
+    the batch."""
     num_rows, vocab_size = (12, 300) if INTERPRET else (64, 151_936)
     params = mixed_params(num_rows, vocab_size, with_top_k)
     gen = torch.Generator().manual_seed(7)
@@ -383,12 +387,15 @@ def test_sampler_keeps_greedy_and_seeded_tokens(monkeypatch, with_top_k):
     assert calls
     use_kernels(monkeypatch, False)
     expected_tokens, expected_lp = run(logits, params, fused=False)
-    same = [
-        row for row, p in enumerate(params)
-        if p.seed is not None or p.temperature == 0.0
-    ]
+    same = [row for row, p in enumerate(params) if p.temperature == 0.0]
     assert [tokens[row]
             for row in same] == [expected_tokens[row] for row in same]
+    use_kernels(monkeypatch, True)
+    seeded = [row for row, p in enumerate(params) if p.seed is not None]
+    alone, _ = run(logits[seeded], [params[row] for row in seeded],
+                   fused=True,
+                   rows=seeded)
+    assert alone == [tokens[row] for row in seeded]
     assert lp is not None and expected_lp is not None
     assert torch.equal(lp.logprob_token_ids[same],
                        expected_lp.logprob_token_ids[same])

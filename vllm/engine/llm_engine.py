@@ -250,9 +250,9 @@ class LLMEngine:
             getattr(self.model_config.hf_config, "eos_token_id", None))
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(
-                device=self.vllm_config.device_config.device)
-            generator.manual_seed(params.seed)
+            # On the host: with the sampler's kernels it draws one key per
+            # step, no device work (the torch path copies its noise over).
+            generator = torch.Generator().manual_seed(params.seed)
         self._queue(request_id, tokens_prompt, params, arrival_time, priority,
                     generator)
 

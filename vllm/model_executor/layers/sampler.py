@@ -93,9 +93,9 @@ class Recheck:
     threshold_before_top_p: torch.Tensor | None
     log_z: torch.Tensor | None
     # The noise log q: of the whole draw [N, V], or that of the seeded rows
-    # only (rows [S], [S, V]); the other rows then draw again.
+    # only; the other rows then draw again.
     log_q: torch.Tensor | None
-    seeded_log_q: tuple[torch.Tensor, torch.Tensor] | None
+    seeded_noise: "SeededNoise | None"
     md: SamplingMetadata
 
 
@@ -342,16 +342,18 @@ def sample(logits: torch.Tensor, md: SamplingMetadata,
     if draw_candidates:
         assert cut.values is not None
         assert cut.threshold is not None and cut.indices is not None
-        sampled, seeded_log_q = sample_candidates(cut.values, cut.indices,
-                                                  cut.threshold, md,
-                                                  logits.shape[-1])
+        seeded_noise = None
+        if md.generators:
+            seeded_noise = SeededNoise(md, logits, kernels)
+        sampled = sample_candidates(cut.values, cut.indices, cut.threshold, md,
+                                    seeded_noise)
         last = cut.values[:, -1]
         # Every logit past the sorted ones is <= last: below the threshold,
         # or -inf (it can never be drawn).
         missed = (cut.threshold <= last) & (last > float("-inf"))
         if cut.values.shape[-1] < logits.shape[-1]:
             recheck = _recheck(missed, greedy, raw_logits, logits, cut,
-                               threshold, None, seeded_log_q, md)
+                               threshold, None, seeded_noise, md)
     else:
         sampled, log_q = random_sample(logits,
                                        cut.threshold,
@@ -388,8 +390,7 @@ def _draws_candidates(logits: torch.Tensor, md: SamplingMetadata) -> bool:
 def _recheck(rows: torch.Tensor, greedy: torch.Tensor | None,
              raw_logits: torch.Tensor, work: torch.Tensor, cut: "_Cut",
              threshold_before_top_p: torch.Tensor | None,
-             log_q: torch.Tensor | None,
-             seeded_log_q: tuple[torch.Tensor, torch.Tensor] | None,
+             log_q: torch.Tensor | None, seeded_noise: "SeededNoise | None",
              md: SamplingMetadata) -> Recheck:
     assert cut.threshold is not None
     return Recheck(rows=rows if greedy is None else rows & ~md.is_greedy,
@@ -400,7 +401,7 @@ def _recheck(rows: torch.Tensor, greedy: torch.Tensor | None,
                    threshold_before_top_p=threshold_before_top_p,
                    log_z=cut.log_z,
                    log_q=log_q,
-                   seeded_log_q=seeded_log_q,
+                   seeded_noise=seeded_noise,
                    md=md)
 
 
@@ -601,8 +602,12 @@ def _exponential_(q: torch.Tensor,
 
     CUDA uses exponential_ (never 0 there). On the CPU, where exponential_
     is several times slower, q = -log u with u ~ U[0, 1) (u = 0 gives
-    q = inf: that token loses).
+    q = inf: that token loses). A generator of another device (the engine
+    keeps them on the host) draws there.
     """
+    if generator is not None and generator.device != q.device:
+        drawn = torch.empty(q.shape, device=generator.device)
+        return q.copy_(_exponential_(drawn, generator))
     if q.device.type == "cuda":
         return q.exponential_(generator=generator)
     return q.uniform_(generator=generator).log_().neg_()
@@ -652,15 +657,14 @@ def fused_random_sample(kernels: ModuleType,
 
     The unseeded rows' noise is made in the kernel, keyed by a seed drawn
     from torch's default CPU generator (no device sync; ``torch.manual_seed``
-    makes runs reproducible). Seeded rows get the noise ``random_sample``
-    gives them, from their own generators, so they draw the same tokens.
+    makes runs reproducible); seeded rows use the keys of ``SeededNoise``.
     """
     temperature = md.temperature
     if not md.all_random:
         temperature = temperature.masked_fill(md.is_greedy, 0.0)
-    seeded_log_q = None
-    if md.seeded_rows is not None:
-        seeded_log_q = _seeded_log_q(md, logits.shape[-1], logits)
+    seeded_keys = None
+    if md.generators:
+        seeded_keys = SeededNoise(md, logits, kernels).keys
     seed = int(torch.randint(1 << 32, 1 << 62, ()).item())
     rules_done = threshold is not None
     return kernels.sample(logits,
@@ -669,47 +673,75 @@ def fused_random_sample(kernels: ModuleType,
                           threshold=threshold,
                           top_n_sigma=None if rules_done else md.top_n_sigma,
                           min_p=None if rules_done else md.min_p,
-                          seeded_log_q=seeded_log_q,
+                          seeded_keys=seeded_keys,
                           seeded_index=md.seeded_index)
 
 
-def _seeded_log_q(md: SamplingMetadata, vocab_size: int,
-                  like: torch.Tensor) -> torch.Tensor:
-    """The noise log q of each seeded row over the whole vocabulary, from
-    its own generator, in ``md.generators``' order. -> [S, V]"""
-    full = like.new_empty(len(md.generators), vocab_size)
-    for i, generator in enumerate(md.generators.values()):
-        _exponential_(full[i], generator)
-    return full.log_()
+class SeededNoise:
+    """The noise log q of a step's seeded rows (``md.seeded_rows``), at any
+    token ids, drawn by each row's own generator: its tokens then do not
+    depend on the rest of the batch, whichever way the row is drawn.
+
+    With the Triton kernels, the generator draws one Philox key per step
+    (``keys`` [S] int64; from a host generator, no device work) and the
+    noise of token t is a function of the key and t, made where it is
+    used. Without them, it draws q over the whole vocabulary (``full``
+    [S, V]), as ``random_sample`` does.
+    """
+
+    def __init__(self, md: SamplingMetadata, like: torch.Tensor,
+                 kernels: ModuleType | None) -> None:
+        assert md.seeded_rows is not None
+        self.rows = md.seeded_rows
+        self._kernels = kernels
+        self.keys: torch.Tensor | None = None
+        self.full: torch.Tensor | None = None
+        generators = md.generators.values()
+        if kernels is not None:
+            keys = [
+                torch.randint(1 << 62, (1, ), generator=g, device=g.device)
+                for g in generators
+            ]
+            if any(k.device != keys[0].device for k in keys):
+                keys = [k.to(like.device) for k in keys]
+            self.keys = torch.cat(keys).to(like.device, non_blocking=True)
+        else:
+            full = like.new_empty(len(generators), like.shape[-1])
+            for i, generator in enumerate(generators):
+                _exponential_(full[i], generator)
+            self.full = full.log_()
+
+    def at(self, which: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """log q of seeded rows ``which`` (positions in ``rows``) [R] at
+        ``token_ids`` [R, W]. -> [R, W] float32"""
+        if self.full is not None:
+            return self.full[which].gather(dim=-1, index=token_ids)
+        assert self._kernels is not None and self.keys is not None
+        return self._kernels.seeded_log_q(self.keys[which], token_ids)
 
 
-def sample_candidates(
-    values: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor,
-    md: SamplingMetadata, vocab_size: int
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+def sample_candidates(values: torch.Tensor, indices: torch.Tensor,
+                      threshold: torch.Tensor, md: SamplingMetadata,
+                      seeded_noise: SeededNoise | None) -> torch.Tensor:
     """``random_sample`` over each row's sorted logits ``values`` [N, W]
     (token ids ``indices``) only: exact for the rows whose kept tokens are
-    all among them. -> token ids [N], and the seeded rows with their noise
-    over the whole vocabulary ([S], [S, V]), or None.
+    all among them. -> token ids [N]
 
-    A seeded row still draws q for the whole vocabulary, from its own
-    generator, and takes that of its candidates: its tokens are those of
-    ``random_sample``, whatever the rest of the batch.
+    Seeded rows take their ``seeded_noise`` at their candidates: the noise
+    a draw over the whole vocabulary would give those tokens.
     """
     log_q = _exponential_(torch.empty_like(values)).log_()  # [N, W]
-    seeded = None
-    if md.seeded_rows is not None:
-        full = _seeded_log_q(md, vocab_size, values)
-        rows = md.seeded_rows
-        log_q[rows] = full.gather(dim=-1, index=indices[rows])
-        seeded = rows, full
+    if seeded_noise is not None:
+        rows = seeded_noise.rows
+        log_q[rows] = seeded_noise.at(
+            torch.arange(len(rows), device=rows.device), indices[rows])
     score = torch.addcmul(values,
                           log_q,
                           md.temperature.unsqueeze(1),
                           value=-1.0)
     score.masked_fill_(values < threshold.unsqueeze(1), float("-inf"))
     best = score.argmax(dim=-1, keepdim=True)  # [N, 1]
-    return indices.gather(dim=-1, index=best).squeeze(1), seeded
+    return indices.gather(dim=-1, index=best).squeeze(1)
 
 
 def _sample_again(out: SamplerOutput, recheck: Recheck,
@@ -739,12 +771,16 @@ def _sample_again(out: SamplerOutput, recheck: Recheck,
     else:
         # A new draw, except for the seeded rows: their first one.
         log_q = _exponential_(torch.empty_like(work)).log_()
-        if recheck.seeded_log_q is not None:
-            seeded_rows, full = recheck.seeded_log_q
-            position = {row: i for i, row in enumerate(seeded_rows.tolist())}
-            for i, row in enumerate(rows):
-                if row in position:
-                    log_q[i] = full[position[row]]
+        noise = recheck.seeded_noise
+        if noise is not None:
+            position = {row: i for i, row in enumerate(noise.rows.tolist())}
+            redraw = [i for i, row in enumerate(rows) if row in position]
+            if redraw:
+                which = torch.tensor([position[rows[i]] for i in redraw],
+                                     device=work.device)
+                token_ids = torch.arange(work.shape[-1], device=work.device)
+                log_q[redraw] = noise.at(
+                    which, token_ids.expand(len(redraw), work.shape[-1]))
     score = torch.addcmul(work,
                           log_q,
                           md.temperature[index].unsqueeze(1),

@@ -9,8 +9,9 @@ used, to keep enough bytes in flight):
   the thresholds of ``sampler.top_n_sigma_threshold`` and
   ``sampler.min_p_threshold`` computed in the same launch (a first pass for
   each row's max and σ), the greedy rows' argmax, and Gumbel noise made in
-  the kernel (Philox), except for seeded rows, whose noise comes from their
-  own generators.
+  the kernel (Philox). A seeded row's noise is keyed by a key its own
+  generator drew for the step, and depends only on that key and the token
+  id (``seeded_log_q`` gives the same noise at any token ids).
 - ``row_stats``: each row's max and σ (for the thresholds that top-k/top-p
   refine), in one pass.
 - ``apply_penalties``: ``sampler.apply_penalties`` with the counts that
@@ -87,13 +88,23 @@ def _max_and_sigma(x_row, vocab_size, SIGMA: tl.constexpr, TILE: tl.constexpr):
 
 
 # ------------------------------------------------------------------ sample
+@triton.jit
+def _log_q(r0, r1, r2, r3, TILE: tl.constexpr):
+    """log q, q ~ Exp(1), from Philox's four outputs for TILE // 4
+    counters: column 4 c + j of the tile takes output j of counter c."""
+    bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [TILE])
+    # u in (0, 1), never 0 or 1: q = -log u is finite and positive.
+    u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return tl.log(-tl.log(u))
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _sample_kernel(x_ptr, row_stride, vocab_size, temperature_ptr,
-                   threshold_ptr, top_n_sigma_ptr, min_p_ptr, seeded_ptr,
-                   seeded_stride, seeded_index_ptr, seed, out_ptr,
-                   HAS_THRESHOLD: tl.constexpr, TOP_N_SIGMA: tl.constexpr,
-                   MIN_P: tl.constexpr, HAS_SEEDED: tl.constexpr,
-                   TILE: tl.constexpr, COUNTERS: tl.constexpr):
+                   threshold_ptr, top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr,
+                   seeded_index_ptr, seed, out_ptr, HAS_THRESHOLD: tl.constexpr,
+                   TOP_N_SIGMA: tl.constexpr, MIN_P: tl.constexpr,
+                   HAS_SEEDED: tl.constexpr, TILE: tl.constexpr,
+                   COUNTERS: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * row_stride
     temperature = tl.load(temperature_ptr + row)
@@ -117,16 +128,18 @@ def _sample_kernel(x_ptr, row_stride, vocab_size, temperature_ptr,
                 tl.where(min_p > 0.0, row_max + temperature * tl.log(min_p),
                          float("-inf")))
 
+    # Philox counters: COUNTERS per tile of each row of the batch, so each
+    # logit's noise depends only on the seed, its row and its column; a
+    # seeded row has its own key and counts from 0 (column // 4).
+    tiles_per_row = tl.cdiv(vocab_size, TILE)
+    row_counter = row.to(tl.int64) * tiles_per_row * COUNTERS
+    key = seed.to(tl.int64)
     if HAS_SEEDED:
         seeded_index = tl.load(seeded_index_ptr + row)
-        is_seeded = seeded_index >= 0
-        seeded_row = seeded_ptr + tl.maximum(seeded_index, 0).to(
-            tl.int64) * seeded_stride
-    # Philox counters: COUNTERS per tile of each row of the batch, so each
-    # logit's noise depends only on the seed, its row and its column.
-    tiles_per_row = tl.cdiv(vocab_size, TILE)
-    row_counter = row.to(tl.int64) * tiles_per_row * COUNTERS + tl.arange(
-        0, COUNTERS)
+        if seeded_index >= 0:
+            key = tl.load(seeded_keys_ptr + seeded_index)
+            row_counter = row_counter * 0
+    row_counter += tl.arange(0, COUNTERS)
     cols = tl.arange(0, TILE)
     # Per lane: the best score so far and its column.
     best = tl.full([TILE], float("-inf"), tl.float32)
@@ -139,16 +152,8 @@ def _sample_kernel(x_ptr, row_stride, vocab_size, temperature_ptr,
         # Truncated rows keep few logits: skip the noise of tiles without.
         if tl.max(x, axis=0) > float("-inf"):
             r0, r1, r2, r3 = tl.randint4x(
-                seed, row_counter + (start // TILE) * COUNTERS)
-            bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [TILE])
-            # u in (0, 1), never 0 or 1: q = -log u is finite and positive.
-            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            log_q = tl.log(-tl.log(u))
-            if HAS_SEEDED:
-                seeded = tl.load(seeded_row + start + cols,
-                                 mask=(start + cols < vocab_size) & is_seeded,
-                                 other=0.0)
-                log_q = tl.where(is_seeded, seeded, log_q)
+                key, row_counter + (start // TILE) * COUNTERS)
+            log_q = _log_q(r0, r1, r2, r3, TILE)
             # Greedy rows (T = 0) take the argmax; -inf logits stay -inf.
             score = tl.where(temperature > 0.0, x - temperature * log_q, x)
             better = score > best  # strictly: the first of equal ones wins
@@ -166,7 +171,7 @@ def sample(x: torch.Tensor,
            threshold: torch.Tensor | None = None,
            top_n_sigma: torch.Tensor | None = None,
            min_p: torch.Tensor | None = None,
-           seeded_log_q: torch.Tensor | None = None,
+           seeded_keys: torch.Tensor | None = None,
            seeded_index: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of ``x`` [N, V], the argmax of x - T log q over the logits at
     or above the row's threshold, q ~ Exp(1): a draw from softmax(x / T)
@@ -176,18 +181,13 @@ def sample(x: torch.Tensor,
     threshold is the largest of ``threshold`` [N], top-nσ's (``top_n_sigma``
     [N], 0 is off) and min_p's (``min_p`` [N]); None: that rule is off. The
     noise of row i comes from Philox keyed by ``seed`` and each logit's
-    position, or, where ``seeded_index[i]`` >= 0, is row
-    ``seeded_index[i]`` of ``seeded_log_q`` [S, V] float32 (log q drawn by
-    the row's own generator).
+    position, or, where ``seeded_index[i]`` >= 0, that of
+    ``seeded_log_q(seeded_keys[seeded_index[i]], token ids)``.
     """
     x = _columns_contiguous(x)
     num_rows, vocab_size = x.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=x.device)
-    seeded_stride = 0
-    if seeded_log_q is not None:
-        assert seeded_index is not None
-        seeded_log_q = _columns_contiguous(seeded_log_q)
-        seeded_stride = seeded_log_q.stride(0)
+    assert (seeded_keys is None) == (seeded_index is None)
     _sample_kernel[(num_rows, )](x,
                                  x.stride(0),
                                  vocab_size,
@@ -195,18 +195,57 @@ def sample(x: torch.Tensor,
                                  threshold,
                                  top_n_sigma,
                                  min_p,
-                                 seeded_log_q,
-                                 seeded_stride,
+                                 seeded_keys,
                                  seeded_index,
                                  seed,
                                  out,
                                  HAS_THRESHOLD=threshold is not None,
                                  TOP_N_SIGMA=top_n_sigma is not None,
                                  MIN_P=min_p is not None,
-                                 HAS_SEEDED=seeded_log_q is not None,
+                                 HAS_SEEDED=seeded_keys is not None,
                                  TILE=_TILE,
                                  COUNTERS=_COUNTERS,
                                  num_warps=_NUM_WARPS)
+    return out
+
+
+# ------------------------------------------------------------ seeded_log_q
+@triton.jit
+def _seeded_log_q_kernel(keys_ptr, ids_ptr, out_ptr, width,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    key = tl.load(keys_ptr + row)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    ids = tl.load(ids_ptr + row.to(tl.int64) * width + cols, mask=mask, other=0)
+    # The four outputs of each id's counter, then output id % 4: the noise
+    # _sample_kernel gives that column of a seeded row.
+    r0, r1, r2, r3 = tl.randint4x(key, ids // 4)
+    j = ids % 4
+    bits = tl.where(j == 0, r0, tl.where(j == 1, r1, tl.where(j == 2, r2, r3)))
+    u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    tl.store(out_ptr + row.to(tl.int64) * width + cols,
+             tl.log(-tl.log(u)),
+             mask=mask)
+
+
+def seeded_log_q(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """The noise log q that ``sample`` gives seeded rows with keys
+    ``keys`` [S] int64 at ``token_ids`` [S, W] (int64). -> [S, W] float32"""
+    token_ids = token_ids.to(torch.int64).contiguous()
+    num_rows, width = token_ids.shape
+    out = torch.empty(num_rows,
+                      width,
+                      dtype=torch.float32,
+                      device=token_ids.device)
+    block = 1024
+    if num_rows and width:
+        _seeded_log_q_kernel[(num_rows, triton.cdiv(width, block))](keys,
+                                                                    token_ids,
+                                                                    out,
+                                                                    width,
+                                                                    BLOCK=block,
+                                                                    num_warps=4)
     return out
 
 
