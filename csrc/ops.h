@@ -48,3 +48,7 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
 void silu_and_mul(at::Tensor& out, const at::Tensor& input);
 void gelu_and_mul(at::Tensor& out, const at::Tensor& input);
 void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input);
+
+// out [M, N] <- input [M, K] @ weight[N, K]^T (F.linear without bias) for
+// M <= 4, float16/bfloat16, K % 8 == 0: the memory-bound decode GEMV.
+void gemv(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight);

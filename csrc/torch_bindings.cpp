@@ -52,6 +52,9 @@ TORCH_LIBRARY(_C, m) {
 
   m.def("gelu_tanh_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.impl("gelu_tanh_and_mul", c10::kCUDA, &gelu_tanh_and_mul);
+
+  m.def("gemv(Tensor(a!) out, Tensor input, Tensor weight) -> ()");
+  m.impl("gemv", c10::kCUDA, &gemv);
 }
 
 // `import vllm._C` looks for PyInit__C. The module itself is empty: the

@@ -111,3 +111,12 @@ def gelu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
 def gelu_tanh_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
     """out [T, d] <- gelu_tanh(input[:, :d]) * input[:, d:]."""
     torch.ops._C.gelu_tanh_and_mul(out, input)
+
+
+# ------------------------------------------------------------------ gemv
+
+
+def gemv(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor) -> None:
+    """out [M, N] <- input [M, K] @ weight [N, K].T for M <= 4 (fp16/bf16,
+    K % 8 == 0): the decode GEMV, float32 accumulation."""
+    torch.ops._C.gemv(out, input, weight)

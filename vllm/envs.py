@@ -56,6 +56,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Allow max_model_len above the model's max_position_embeddings.
     "VLLM_ALLOW_LONG_MAX_MODEL_LEN":
     _bool("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0"),
+    # 0: linear layers never use the decode GEMV kernel (1..4 rows), only
+    # cuBLAS; read when a weight shape is first seen.
+    "VLLM_GEMV":
+    _bool("VLLM_GEMV", "1"),
 }
 
 

@@ -66,7 +66,8 @@ class CUDAGraphRunner:
             input_ids = b.input_ids.device[:size]
             positions = b.positions.device[:size]
             # A warm-up pass outside the graph: lazy initialisation and
-            # kernel compilation must not be recorded.
+            # kernel compilation must not be recorded, and linear layers
+            # time GEMV vs cuBLAS for 1..4 rows here (gemv_tuning.py).
             with set_forward_context(metadata):
                 self.model(input_ids, positions)
             torch.cuda.synchronize()
