@@ -140,9 +140,10 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
         nonlocal next_id
         next_id += 1
         p = make_params(next_id, vocab)
-        # The engine keeps one generator per seeded request across steps.
-        generator = (None if p.seed is None else
-                     torch.Generator(device).manual_seed(p.seed))
+        # The engine keeps one host generator per seeded request across
+        # steps.
+        generator = (None if p.seed is None else torch.Generator().manual_seed(
+            p.seed))
         prompt = [rng.randrange(vocab) for _ in range(args.prompt_len)]
         output = [rng.randrange(vocab) for _ in range(args.output_len)]
         return next_id, p, generator, prompt, output
@@ -188,6 +189,9 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
         torch.cuda.synchronize()
     prepare_ms.clear()
 
+    if args.profile:
+        profile_steps(step, next_step, use_cuda)
+
     step_ms: list[float] = []
     for _ in range(args.repeats):
         if use_cuda:
@@ -209,6 +213,23 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
         "p90_ms": percentile(step_ms, 0.9),
         "prepare_host_median_ms": statistics.median(prepare_ms),
     }
+
+
+def profile_steps(step: Callable[[], list[int]],
+                  next_step: Callable[[list[int]], None],
+                  use_cuda: bool) -> None:
+    """Ten steps under torch.profiler: the ops that take the most host time
+    (launches included) and, on CUDA, the most device time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if use_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(10):
+            next_step(step())
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=20))
+    if use_cuda:
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=12))
 
 
 def main() -> None:
@@ -238,6 +259,10 @@ def main() -> None:
                         default=list(CONFIGS))
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
     parser.add_argument("--output-json", type=str, default=None)
+    parser.add_argument("--profile",
+                        action="store_true",
+                        help="also print a torch.profiler table of ten "
+                        "steps of each config")
     args = parser.parse_args()
 
     device = torch.device(args.device

@@ -258,9 +258,10 @@ def test_engine_path_never_syncs(device: str):
             logits = torch.randn(n,
                                  vocab,
                                  generator=torch.Generator().manual_seed(step))
+            # Host generators, as the engine makes them.
             generators = [
                 None
-                if p.seed is None else torch.Generator(dev).manual_seed(p.seed)
+                if p.seed is None else torch.Generator().manual_seed(p.seed)
                 for p in params
             ]
             on_device = logits.to(dev)

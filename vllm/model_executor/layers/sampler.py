@@ -605,7 +605,7 @@ def _exponential_(q: torch.Tensor,
     q = inf: that token loses). A generator of another device (the engine
     keeps them on the host) draws there.
     """
-    if generator is not None and generator.device != q.device:
+    if generator is not None and generator.device.type != q.device.type:
         drawn = torch.empty(q.shape, device=generator.device)
         return q.copy_(_exponential_(drawn, generator))
     if q.device.type == "cuda":
@@ -704,7 +704,12 @@ class SeededNoise:
             ]
             if any(k.device != keys[0].device for k in keys):
                 keys = [k.to(like.device) for k in keys]
-            self.keys = torch.cat(keys).to(like.device, non_blocking=True)
+            drawn = torch.cat(keys)
+            if drawn.device.type == "cpu" and like.device.type == "cuda":
+                # From pinned memory: a copy from pageable memory would
+                # wait for the device.
+                drawn = drawn.pin_memory()
+            self.keys = drawn.to(like.device, non_blocking=True)
         else:
             full = like.new_empty(len(generators), like.shape[-1])
             for i, generator in enumerate(generators):
