@@ -358,7 +358,8 @@ def sample(logits: torch.Tensor, md: SamplingMetadata,
         sampled, log_q = random_sample(logits,
                                        cut.threshold,
                                        md,
-                                       keep_logits=cut.long_nucleus is not None)
+                                       keep_logits=cut.long_nucleus is not None,
+                                       kernels=kernels)
         if cut.long_nucleus is not None:
             recheck = _recheck(cut.long_nucleus, greedy, raw_logits, logits,
                                cut, threshold, log_q, None, md)
@@ -606,31 +607,43 @@ def _exponential_(q: torch.Tensor,
     keeps them on the host) draws there.
     """
     if generator is not None and generator.device.type != q.device.type:
-        drawn = torch.empty(q.shape, device=generator.device)
-        return q.copy_(_exponential_(drawn, generator))
+        drawn = _exponential_(torch.empty(q.shape, device=generator.device),
+                              generator)
+        if q.is_cuda:
+            # From pinned memory: a copy from pageable memory would wait
+            # for the device.
+            drawn = drawn.pin_memory()
+        return q.copy_(drawn, non_blocking=True)
     if q.device.type == "cuda":
         return q.exponential_(generator=generator)
     return q.uniform_(generator=generator).log_().neg_()
 
 
-def random_sample(logits: torch.Tensor, threshold: torch.Tensor | None,
-                  md: SamplingMetadata,
-                  keep_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def random_sample(
+        logits: torch.Tensor,
+        threshold: torch.Tensor | None,
+        md: SamplingMetadata,
+        keep_logits: bool,
+        kernels: ModuleType | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from softmax(logits / T) over the logits at
     or above each row's threshold. -> [N], and the noise log q [N, V]
 
     Gumbel-max: with q ~ Exp(1), -log q is Gumbel noise, and
     argmax(x / T - log q) = argmax(x - T log q) is such a draw. A seeded row
-    draws its q from its own generator only, so its tokens do not depend on
-    the rest of the batch. ``logits`` is overwritten unless ``keep_logits``.
+    takes its ``SeededNoise`` (that of the ``kernels`` when given), so its
+    tokens do not depend on the rest of the batch. ``logits`` is
+    overwritten unless ``keep_logits``.
     """
-    generators = md.generators
-    q = torch.empty_like(logits)  # [N, V]
-    if len(generators) < logits.shape[0]:
-        _exponential_(q)  # unseeded rows, one call for the batch
-    for row, generator in generators.items():
-        _exponential_(q[row], generator)
-    log_q = q.log_()
+    vocab_size = logits.shape[-1]
+    log_q = torch.empty_like(logits)  # [N, V]
+    if len(md.generators) < logits.shape[0]:
+        _exponential_(log_q).log_()  # unseeded rows, one call for the batch
+    if md.generators:
+        noise = SeededNoise(md, logits, kernels)
+        seeded = torch.arange(len(md.generators), device=logits.device)
+        token_ids = torch.arange(vocab_size, device=logits.device)
+        log_q[noise.rows] = noise.at(
+            seeded, token_ids.expand(len(md.generators), vocab_size))
     temperature = md.temperature.unsqueeze(1)
     if keep_logits:
         score = torch.addcmul(logits, log_q, temperature, value=-1.0)
