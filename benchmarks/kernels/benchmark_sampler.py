@@ -190,7 +190,7 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
     prepare_ms.clear()
 
     if args.profile:
-        profile_steps(step, next_step, use_cuda)
+        profile_steps(lambda: next_step(step()), use_cuda)
 
     step_ms: list[float] = []
     for _ in range(args.repeats):
@@ -215,9 +215,7 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
     }
 
 
-def profile_steps(step: Callable[[], list[int]],
-                  next_step: Callable[[list[int]], None],
-                  use_cuda: bool) -> None:
+def profile_steps(run_step: Callable[[], None], use_cuda: bool) -> None:
     """Ten steps under torch.profiler: the ops that take the most host time
     (launches included) and, on CUDA, the most device time."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -225,7 +223,7 @@ def profile_steps(step: Callable[[], list[int]],
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(10):
-            next_step(step())
+            run_step()
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=20))
     if use_cuda:
