@@ -90,8 +90,9 @@ class SamplingMetadata:
     # Positions that min_tokens forbids (row, token id): (rows [M], cols [M]).
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None
     penalties: PenaltyTensors | PenaltyCounts | None
-    # (rows [B], cols [B]) and the bias [B] float32 added there.
-    logit_bias: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    # Positions row * vocab_size + token id [B] int64 (each at most once) and
+    # the bias [B] float32 added there.
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None
     # The rows that have allowed_token_ids [R], and (rows [A], cols [A]): the
     # tokens they allow. Every other logit of those rows becomes -inf.
     allowed_token_ids: tuple[torch.Tensor, tuple[torch.Tensor,
@@ -255,7 +256,7 @@ class SamplingMetadata:
                 output_keys=get("output_keys"),
                 prompt_keys=get("prompt_keys"),
             ) if use_penalties else None,
-            logit_bias=((pair("bias_rows", "bias_cols"),
+            logit_bias=((get("bias_keys"),
                          get("bias_values")) if use_logit_bias else None),
             allowed_token_ids=((get("allowed_row_ids"),
                                 pair("allowed_rows", "allowed_cols"))
@@ -421,8 +422,7 @@ def _add_logit_bias(host: "HostBuffers", params: list[SamplingParams],
                          dtype=np.float32,
                          count=len(cols))
     keep = cols < vocab_size
-    host.add("bias_rows", rows[keep], np.int64)
-    host.add("bias_cols", cols[keep], np.int64)
+    host.add("bias_keys", rows[keep] * vocab_size + cols[keep], np.int64)
     host.add("bias_values", values[keep], np.float32)
     return True
 

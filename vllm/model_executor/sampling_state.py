@@ -325,8 +325,7 @@ class SamplingState:
         if bias_rows:
             biases = [request(row).bias for row in bias_rows]
             rows, cols = pairs(bias_rows, [b[0] for b in biases if b])
-            host.add("bias_rows", rows, np.int64)
-            host.add("bias_cols", cols, np.int64)
+            host.add("bias_keys", rows * vocab_size + cols, np.int64)
             host.add("bias_values", np.concatenate([b[1] for b in biases if b]),
                      np.float32)
         allowed_rows = rows_with(_ALLOWED)
@@ -376,7 +375,7 @@ class SamplingState:
                               (num_logprobs >= 0).any() else None),
             min_tokens_mask=None,
             penalties=None,
-            logit_bias=(((get("bias_rows"), get("bias_cols")),
+            logit_bias=((get("bias_keys"),
                          get("bias_values")) if bias_rows else None),
             allowed_token_ids=((get("allowed_row_ids"), (get("allowed_rows"),
                                                          get("allowed_cols")))
