@@ -1,24 +1,13 @@
 """The learning scripts of my_debug_scripts/ (steps 1 and 2) run on
 stories260K and print what they promise; .vscode/launch.json is valid."""
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from tests.debug_scripts.utils import load_script
+
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = REPO / "my_debug_scripts"
-
-
-def load_script(name: str) -> ModuleType:
-    """Import my_debug_scripts/<name>.py (a folder of scripts, no package)."""
-    spec = importlib.util.spec_from_file_location(f"debug_script_{name}",
-                                                  SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_step1_basic_llama(stories260k_path: Path,

@@ -1,31 +1,19 @@
 """The learning scripts step2_tensor_parallel.py, step2_kv_quantization.py and
 step3_profiling.py of my_debug_scripts/ run on stories260K (CPU) and show
 what they promise."""
-import importlib.util
 import json
 import re
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "my_debug_scripts"
-
-
-def _load(name: str) -> ModuleType:
-    """Import my_debug_scripts/<name>.py (scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tp_kv_prof_{name}",
-                                                  SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.debug_scripts.utils import load_script
 
 
 def test_tensor_parallel_matches_unsharded(
         stories260k_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    script = _load("step2_tensor_parallel")
+    script = load_script("step2_tensor_parallel")
     # main raises AssertionError when a sharded layer differs
     script.main(["--model", str(stories260k_path), "--distributed"])
     out = capsys.readouterr().out
@@ -54,7 +42,7 @@ def test_tensor_parallel_matches_unsharded(
 
 def test_tensor_parallel_helpers(stories260k_path: Path) -> None:
     """The check itself (not only its printout): per-layer differences."""
-    script = _load("step2_tensor_parallel")
+    script = load_script("step2_tensor_parallel")
     llm, model = script.load_engine_model(str(stories260k_path))
     ids = torch.tensor(llm.get_tokenizer().encode("Once upon a time"))
     check = script.check_world_size(model, model.config, ids, 2)
@@ -65,7 +53,7 @@ def test_tensor_parallel_helpers(stories260k_path: Path) -> None:
 
 
 def test_quantize_dequantize_bounds() -> None:
-    script = _load("step2_kv_quantization")
+    script = load_script("step2_kv_quantization")
     x = torch.randn(50, 4, 8, generator=torch.Generator().manual_seed(0))
     for dtype, bound in (("fp8", 0.05), ("int8", 0.02)):
         for granularity in ("tensor", "head"):
@@ -78,7 +66,7 @@ def test_quantize_dequantize_bounds() -> None:
 
 def test_kv_quantization(stories260k_path: Path,
                          capsys: pytest.CaptureFixture[str]) -> None:
-    script = _load("step2_kv_quantization")
+    script = load_script("step2_kv_quantization")
     script.main(["--model", str(stories260k_path), "--max-tokens", "16"])
     out = capsys.readouterr().out
     assert 'kv_cache_dtype="fp8" is not supported by this engine yet' in out
@@ -103,7 +91,7 @@ def test_kv_quantization(stories260k_path: Path,
 
 def test_profiling(stories260k_path: Path, tmp_path: Path,
                    capsys: pytest.CaptureFixture[str]) -> None:
-    script = _load("step3_profiling")
+    script = load_script("step3_profiling")
     trace = tmp_path / "sub" / "trace.json"
     report = script.run([
         "--model",
@@ -126,7 +114,7 @@ def test_profiling(stories260k_path: Path, tmp_path: Path,
 
 def test_profiler_dir_env(monkeypatch: pytest.MonkeyPatch,
                           tmp_path: Path) -> None:
-    script = _load("step3_profiling")
+    script = load_script("step3_profiling")
     monkeypatch.setenv("VLLM_TORCH_PROFILER_DIR", str(tmp_path))
     assert script.default_trace_path().parent == tmp_path
     monkeypatch.delenv("VLLM_TORCH_PROFILER_DIR")
