@@ -92,6 +92,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vllm", "vllm.*"]),
     install_requires=read_requirements("requirements.txt"),
+    entry_points={
+        "console_scripts": ["vllm = vllm.entrypoints.cli.main:main"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

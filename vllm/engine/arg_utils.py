@@ -63,8 +63,13 @@ class EngineArgs:
 
     @classmethod
     def add_cli_args(
-            cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        """One ``--flag-name`` per field, typed from the annotations."""
+            cls,
+            parser: argparse.ArgumentParser,
+            model_flag_required: bool = True) -> argparse.ArgumentParser:
+        """One ``--flag-name`` per field, typed from the annotations.
+
+        ``model_flag_required=False``: ``--model`` may be left out (``vllm
+        serve MODEL`` takes the model as a positional argument)."""
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
@@ -77,10 +82,12 @@ class EngineArgs:
             base = next(
                 a for a in typing.get_args(kind)
                 if a is not type(None)) if typing.get_args(kind) else kind
+            missing = f.default is dataclasses.MISSING
             parser.add_argument(flag,
                                 type=base,
-                                default=f.default,
-                                required=f.default is dataclasses.MISSING)
+                                default=None if missing else f.default,
+                                required=missing
+                                and (model_flag_required or f.name != "model"))
         return parser
 
     @classmethod
