@@ -20,6 +20,7 @@ import torch
 
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.llm_engine import LLMEngine, PromptType
+from vllm.engine.metrics import MetricsSnapshot
 from vllm.logger import init_logger
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
@@ -108,6 +109,13 @@ class AsyncLLMEngine:
 
     def get_tokenizer(self) -> AnyTokenizer:
         return self._engine.get_tokenizer()
+
+    def get_metrics(self) -> MetricsSnapshot | None:
+        """A copy of the engine's metrics, taken under the StatLogger's lock
+        (safe from any thread); None when stats are off
+        (``disable_log_stats``)."""
+        stat_logger = self._engine.stat_logger
+        return None if stat_logger is None else stat_logger.snapshot()
 
     # ------------------------------------------------------------- asyncio
     async def generate(self,

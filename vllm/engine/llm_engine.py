@@ -20,7 +20,7 @@ import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 
@@ -336,8 +336,13 @@ class LLMEngine:
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Stop requests wherever they are; their blocks are freed at once."""
         ids = {request_id} if isinstance(request_id, str) else set(request_id)
-        for seq_group in self.scheduler.abort_seq_group(ids):
+        aborted = self.scheduler.abort_seq_group(ids)
+        for seq_group in aborted:
             self._forget(seq_group)
+        if aborted and self.stat_logger is not None:
+            for _ in aborted:
+                self.stat_logger.record_finished("abort", None)
+            self.stat_logger.update_gauges(**self._scheduler_stats())
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_seqs()
@@ -447,15 +452,18 @@ class LLMEngine:
                     len(s.prompt_token_ids) - s.num_computed_tokens))
             for s in scheduled)
         self.stat_logger.record_step(num_prompt, num_generated)
+        self.stat_logger.maybe_log(**self._scheduler_stats())
+
+    def _scheduler_stats(self) -> dict[str, Any]:
+        """The queue and cache gauges StatLogger logs and /metrics shows."""
         bm = self.scheduler.block_manager
-        self.stat_logger.maybe_log(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            num_swapped=len(self.scheduler.swapped),
-            kv_cache_usage=bm.usage,
-            prefix_cache_hit_rate=(bm.prefix_cache_hit_rate
-                                   if bm.enable_caching else None),
-            num_preemptions=self.scheduler.num_cumulative_preemption)
+        return dict(num_running=len(self.scheduler.running),
+                    num_waiting=len(self.scheduler.waiting),
+                    num_swapped=len(self.scheduler.swapped),
+                    kv_cache_usage=bm.usage,
+                    prefix_cache_hit_rate=(bm.prefix_cache_hit_rate
+                                           if bm.enable_caching else None),
+                    num_preemptions=self.scheduler.num_cumulative_preemption)
 
     @staticmethod
     def _to_scheduled_sequence(seq: Sequence,
@@ -495,14 +503,21 @@ class LLMEngine:
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
             if group.beam_search is not None:
-                generated += self._advance_beams(group, sg.token_chunk_size,
-                                                 result, row_of)
+                sampled = self._advance_beams(group, sg.token_chunk_size,
+                                              result, row_of)
             else:
-                generated += self._advance_samples(
+                sampled = self._advance_samples(
                     group, 0 if advanced else sg.token_chunk_size, result,
                     row_of, advanced)
+            generated += sampled
+            if not sampled:
+                continue  # a prompt chunk that is not the last one
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
+                if self.stat_logger is not None:
+                    self.stat_logger.record_first_token(
+                        len(group.prompt_token_ids),
+                        now - group.metrics.arrival_time)
             group.metrics.last_token_time = now
         return generated
 
@@ -652,8 +667,9 @@ class LLMEngine:
         kind = params.output_kind
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
+        finished_time = time.time()
         if finished:
-            seq_group.metrics.finished_time = time.time()
+            seq_group.metrics.finished_time = finished_time
         if seq_group.beam_search is not None:
             completions = self._beam_completions(seq_group.beam_search)
         else:
@@ -664,6 +680,11 @@ class LLMEngine:
         prompt_logprobs = self._prompt_logprobs_output(seq_group, kind)
         if finished:
             self._forget(seq_group)
+            if self.stat_logger is not None:
+                # One per request: the reason of its first (best) completion.
+                self.stat_logger.record_finished(
+                    completions[0].finish_reason if completions else None,
+                    finished_time - seq_group.metrics.arrival_time)
         return RequestOutput(request_id=seq_group.request_id,
                              prompt=seq_group.prompt,
                              prompt_token_ids=seq_group.prompt_token_ids,

@@ -1,12 +1,15 @@
 """The OpenAI-compatible HTTP server (``vllm serve MODEL``).
 
 Routes: /v1/completions, /v1/chat/completions (both streaming by SSE),
-/v1/models, /tokenize, /detokenize, /health, /ping, /version. Errors use
-OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for
-bad input (malformed JSON, a field of the wrong type, a value SamplingParams
-or the engine rejects), 401 without the API key, 404 for an unknown model.
+/v1/models, /tokenize, /detokenize, /health, /ping, /version, and /metrics
+(Prometheus text format 0.0.4, vLLM's ``vllm:*`` names, see
+vllm/engine/metrics.py; empty with --disable-log-stats). Errors use OpenAI's
+shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
+(malformed JSON, a field of the wrong type, a value SamplingParams or the
+engine rejects), 401 without the API key (only /v1/* needs it), 404 for an
+unknown model.
 
-Not built yet: /metrics, /v1/embeddings, /start_profile and /stop_profile.
+Not built yet: /v1/embeddings, /start_profile and /stop_profile.
 
     python -m vllm.entrypoints.openai.api_server --model PATH [flags]
 """
@@ -24,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 import vllm
 from vllm import envs
 from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.metrics import CONTENT_TYPE, render_prometheus
 from vllm.entrypoints.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
     DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
@@ -200,6 +204,14 @@ def build_app(engine: Any, args: argparse.Namespace) -> FastAPI:
     @app.get("/version")
     async def show_version() -> dict[str, str]:
         return {"version": vllm.__version__}
+
+    @app.get("/metrics")
+    async def show_metrics() -> Response:
+        get_metrics = getattr(engine, "get_metrics", None)
+        snapshot = get_metrics() if get_metrics is not None else None
+        body = ("" if snapshot is None else render_prometheus(
+            snapshot, names[0]))
+        return Response(content=body, media_type=CONTENT_TYPE)
 
     return app
 
