@@ -46,6 +46,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmark_utils import random_lengths
+
 # A request may wait a long time at a high request rate.
 REQUEST_TIMEOUT_S = 6 * 60 * 60
 # Rounds of decode / re-encode for a random prompt of an exact length.
@@ -117,22 +119,11 @@ def sample_random_requests(tokenizer: Any,
                            seed: int = 0) -> list[Request]:
     """``num_prompts`` random prompts; input and output lengths uniform in
     ``[len * (1 - range_ratio), len * (1 + range_ratio)]``."""
-    if not 0.0 <= range_ratio < 1.0:
-        raise ValueError(
-            f"--random-range-ratio must be in [0, 1), got {range_ratio}")
     rng = random.Random(seed)
     candidates = prompt_token_ids(tokenizer)
-
-    def bounds(length: int) -> tuple[int, int]:
-        lo = max(1, int(length * (1 - range_ratio)))
-        return lo, max(lo, int(length * (1 + range_ratio)))
-
-    in_lo, in_hi = bounds(input_len)
-    out_lo, out_hi = bounds(output_len)
     requests = []
-    for _ in range(num_prompts):
-        n_in = rng.randint(in_lo, in_hi)
-        n_out = rng.randint(out_lo, out_hi)
+    for n_in, n_out in random_lengths(num_prompts, input_len, output_len,
+                                      range_ratio, rng):
         text, prompt_len = random_token_prompt(tokenizer, n_in, rng, candidates)
         requests.append(Request(text, prompt_len, n_out))
     return requests

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from benchmark_utils import random_lengths
+
 try:
     from vllm.engine.arg_utils import EngineArgs
 except ImportError:  # the engine is still being written
@@ -93,24 +95,13 @@ def random_requests(num_prompts: int,
                     id_limit: int = RANDOM_ID_LIMIT) -> list[Request]:
     """Random prompt ids in [0, id_limit); lengths uniform in
     [len * (1 - range_ratio), len * (1 + range_ratio)]."""
-    if not 0.0 <= range_ratio < 1.0:
-        raise ValueError(f"--random-range-ratio must be in [0, 1), got "
-                         f"{range_ratio}")
     rng = random.Random(seed)
-
-    def bounds(length: int) -> tuple[int, int]:
-        lo = max(1, int(length * (1 - range_ratio)))
-        return lo, max(lo, int(length * (1 + range_ratio)))
-
-    in_lo, in_hi = bounds(input_len)
-    out_lo, out_hi = bounds(output_len)
-    requests = []
-    for _ in range(num_prompts):
-        n_in = rng.randint(in_lo, in_hi)
-        n_out = rng.randint(out_lo, out_hi)
-        ids = [rng.randrange(id_limit) for _ in range(n_in)]
-        requests.append(Request(ids, n_out))
-    return requests
+    lengths = random_lengths(num_prompts, input_len, output_len, range_ratio,
+                             rng)
+    return [
+        Request([rng.randrange(id_limit) for _ in range(n_in)], n_out)
+        for n_in, n_out in lengths
+    ]
 
 
 def warmup_prompts(num: int, id_limit: int) -> list[list[int]]:

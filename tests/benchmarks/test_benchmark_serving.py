@@ -1,6 +1,5 @@
 """benchmarks/benchmark_serving.py against the OpenAI server's ASGI app on
 stories260K (no socket; the body streams chunk by chunk, as over HTTP)."""
-import argparse
 import asyncio
 import importlib.util
 import json
@@ -13,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.entrypoints.openai.test_server import server_args
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "benchmark_serving.py"
@@ -51,11 +52,7 @@ def engine(stories260k_path: Path) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def app(engine: Any, stories260k_path: Path) -> Any:
     from vllm.entrypoints.openai.api_server import build_app
-    args = argparse.Namespace(model=str(stories260k_path),
-                              served_model_name=None,
-                              api_key=None,
-                              chat_template=None)
-    return build_app(engine, args)
+    return build_app(engine, server_args(stories260k_path))
 
 
 class StreamingASGITransport(httpx.AsyncBaseTransport):
