@@ -65,6 +65,9 @@ class Sequence:
         self.output_logprobs: SampleLogprobs = []
         self.cumulative_logprob = 0.0
         self.stop_reason: int | str | None = None
+        # A seeded request's key for this sample (``sequence_key``): its
+        # noise on the GPU depends on it and the output length alone.
+        self.seed_key: int | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -285,3 +288,4 @@ class ScheduledSequence:
     # Compute prompt logprobs for prompt tokens from this index on (those
     # whose preceding position is in this step's chunk); None: none.
     prompt_logprobs_from: int | None = None
+    seed_key: int | None = None  # Sequence.seed_key

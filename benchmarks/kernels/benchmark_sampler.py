@@ -174,7 +174,10 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
         metadata = prepare()
         # Host time of prepare alone (its copies are asynchronous).
         prepare_ms.append((time.perf_counter() - t0) * 1e3)
-        return sampler(logits, metadata).to_host()[0]
+        out = sampler(logits, metadata)
+        if keep_state:
+            state.sampled(out.sampled_token_ids)
+        return out.to_host()[0]
 
     def next_step(sampled: list[int]) -> None:
         for seq, token in zip(seqs, sampled):

@@ -12,6 +12,7 @@ interpreter needs numpy < 2.4)::
 Skipped without triton.
 """
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -25,11 +26,15 @@ from vllm.model_executor.layers.ops import (  # noqa: E402
     sampling_kernels as kernels)
 from vllm.model_executor.layers.sampler import (  # noqa: E402
     LogprobsTensors, Sampler, _apply_penalty_counts, compute_topk_logprobs)
-from vllm.model_executor.sampling_metadata import PenaltyCounts  # noqa: E402
+from vllm.model_executor import sampling_state as state_module  # noqa: E402
+from vllm.model_executor.sampling_metadata import (  # noqa: E402
+    LogitBias, PenaltyCounts, seen_mask, seen_words)
+from vllm.model_executor.sampling_state import SamplingState  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+CPU = torch.device("cpu")
+DEVICE = CPU if INTERPRET else torch.device("cuda")
 pytestmark = [] if INTERPRET else [pytest.mark.cuda]
 
 # (rows, vocabulary size): sizes that are not multiples of the tiles, rows
@@ -44,12 +49,13 @@ NEG_INF = float("-inf")
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In the interpreter: tiles of 64 columns in segments of 16, so that
-    small rows span several tiles."""
+    """In the interpreter: tiles of 64 columns in segments of 16, chunks of
+    two tiles, so that small rows span several tiles and chunks."""
     if INTERPRET:
         monkeypatch.setattr(kernels, "_TILE", 64)
         monkeypatch.setattr(kernels, "_SEGMENT", 16)
         monkeypatch.setattr(kernels, "_COUNTERS", 16)
+        monkeypatch.setattr(kernels, "_CHUNK_TILES", 2)
 
 
 def use_kernels(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
@@ -80,6 +86,13 @@ def finite_std(x: torch.Tensor) -> torch.Tensor:
     mean = torch.where(finite, x, 0.0).sum(dim=1) / count
     deviation = torch.where(finite, x - mean.unsqueeze(1), 0.0)
     return (deviation.square().sum(dim=1) / count).sqrt()
+
+
+def draw(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``kernels.sample``'s tokens (without logprobs)."""
+    tokens, logprobs = kernels.sample(*args, **kwargs)
+    assert logprobs is None
+    return tokens
 
 
 # ---------------------------------------------------------------- row_stats
@@ -127,7 +140,7 @@ def test_greedy_rows_take_the_first_argmax(shape, dtype):
               2).round().div(2).to(dtype)
     greedy = torch.zeros(num_rows, device=DEVICE)
     min_p = torch.full((num_rows, ), 0.5, device=DEVICE)
-    tokens = kernels.sample(logits, greedy, 1 << 40, min_p=min_p)
+    tokens = draw(logits, greedy, 1 << 40, min_p=min_p)
     assert tokens.dtype == torch.int64
     assert torch.equal(tokens, logits.float().argmax(dim=1))
 
@@ -166,14 +179,14 @@ def test_seeded_rows_draw_with_the_noise_of_their_keys(shape, dtype):
     seeded_index = torch.full((num_rows, ), -1, device=DEVICE)
     seeded_index[seeded_rows.flip(0)] = torch.arange(len(seeded_rows),
                                                      device=DEVICE)
-    tokens = kernels.sample(logits,
-                            temperature,
-                            12345,
-                            threshold=given,
-                            top_n_sigma=top_n_sigma,
-                            min_p=min_p,
-                            seeded_keys=keys,
-                            seeded_index=seeded_index)
+    tokens = draw(logits,
+                  temperature,
+                  12345,
+                  threshold=given,
+                  top_n_sigma=top_n_sigma,
+                  min_p=min_p,
+                  seeded_keys=keys,
+                  seeded_index=seeded_index)
     expected = gumbel_reference(x[seeded_rows], threshold[seeded_rows],
                                 temperature[seeded_rows], noise.flip(0))
     assert torch.equal(tokens[seeded_rows], expected)
@@ -192,20 +205,20 @@ def test_rows_keeping_one_logit_draw_it(seed):
     logits[rows, only] = 3.0
     threshold = torch.full((num_rows, ), 2.0, device=DEVICE)
     temperature = torch.full((num_rows, ), 1.0, device=DEVICE)
-    assert torch.equal(kernels.sample(logits, temperature, seed), only)
+    assert torch.equal(draw(logits, temperature, seed), only)
     # Now finite logits below the threshold everywhere else.
     logits[logits == NEG_INF] = 1.0
-    assert torch.equal(
-        kernels.sample(logits, temperature, seed, threshold=threshold), only)
+    assert torch.equal(draw(logits, temperature, seed, threshold=threshold),
+                       only)
 
 
 def test_same_seed_same_tokens():
     num_rows, vocab_size = (6, 300) if INTERPRET else (256, 151_936)
     logits = make_logits(num_rows, vocab_size, torch.float32, seed=5)
     temperature = torch.ones(num_rows, device=DEVICE)
-    first = kernels.sample(logits, temperature, 7)
-    assert torch.equal(first, kernels.sample(logits, temperature, 7))
-    assert not torch.equal(first, kernels.sample(logits, temperature, 8))
+    first = draw(logits, temperature, 7)
+    assert torch.equal(first, draw(logits, temperature, 7))
+    assert not torch.equal(first, draw(logits, temperature, 8))
 
 
 @pytest.mark.parametrize("temperature", [1.5] if INTERPRET else [0.7, 1.5])
@@ -223,54 +236,140 @@ def test_draws_follow_the_truncated_softmax(temperature):
     row = torch.full((vocab_size, ), -10.0)
     row[columns] = values
     logits = row.to(DEVICE).expand(num_draws, -1)
-    tokens = kernels.sample(logits,
-                            torch.full((num_draws, ),
-                                       temperature,
-                                       device=DEVICE),
-                            2024,
-                            threshold=torch.full((num_draws, ),
-                                                 -2.0,
-                                                 device=DEVICE))
+    tokens = draw(logits,
+                  torch.full((num_draws, ), temperature, device=DEVICE),
+                  2024,
+                  threshold=torch.full((num_draws, ), -2.0, device=DEVICE))
     counts = torch.bincount(tokens.cpu(), minlength=vocab_size)[columns]
     kept = values.masked_fill(values < -2.0, NEG_INF)
     assert counts.sum() == num_draws  # nothing outside the candidates
     assert_matches(counts, (kept / temperature).softmax(dim=0))
 
 
-# ----------------------------------------------------------------- logprobs
-@pytest.mark.parametrize("shape",
-                         [(3, 7), (5, 5000)] if INTERPRET else [(3, 7),
-                                                                (256, 151_936)])
-def test_penalties_match_torch(shape):
-    """Every penalised row, whole, as ``_apply_penalty_counts`` computes it:
-    rows in any order, slots elsewhere, -inf logits kept."""
-    num_rows, vocab_size = shape
-    gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(num_rows, vocab_size, generator=gen) * 3
-    logits[0, :2] = NEG_INF
+# ------------------------------------------------------------ edits, counts
+def pack_seen(mask: torch.Tensor) -> torch.Tensor:
+    """[S, V] bool -> PenaltyCounts.seen [S, ceil(V / 32)] int32."""
+    num_slots, vocab_size = mask.shape
+    words = seen_words(vocab_size)
+    padded = torch.zeros(num_slots, words * 32, dtype=torch.int64)
+    padded[:, :vocab_size] = mask.long()
+    packed = (padded.view(num_slots, words, 32) << torch.arange(32)).sum(-1)
+    return torch.where(packed >= 1 << 31, packed - (1 << 32),
+                       packed).to(torch.int32)
+
+
+def random_edits(num_rows: int, vocab_size: int,
+                 gen: torch.Generator) -> tuple[LogitBias, PenaltyCounts]:
+    """A logit_bias on most rows (several entries on some, none on row 1)
+    and penalties on all rows but the last, from slots in another order."""
+    rows, cols, values = [], [], []
+    for row in range(num_rows):
+        if row == 1:
+            continue
+        picked = torch.randperm(vocab_size, generator=gen)[:1 + row % 3]
+        if row == 2:  # neighbours, and the last column
+            picked = torch.tensor([3, 4, vocab_size - 1])
+        rows += [row] * len(picked)
+        cols += sorted(picked.tolist())
+        values += (torch.rand(len(picked), generator=gen) * 8 - 4).tolist()
+    starts = torch.searchsorted(torch.tensor(rows), torch.arange(num_rows + 1))
+    bias = LogitBias(keys=torch.tensor(rows) * vocab_size + torch.tensor(cols),
+                     values=torch.tensor(values),
+                     row_starts=starts)
     num_slots = num_rows + 4
     counts = torch.randint(0, 4, (num_slots, vocab_size), generator=gen)
     counts *= torch.rand(num_slots, vocab_size, generator=gen) < 0.1
-    rows = torch.randperm(num_rows, generator=gen)[:max(1, num_rows - 1)]
+    in_prompt = torch.rand(num_slots, vocab_size, generator=gen) < 0.05
+    penalised = torch.randperm(num_rows,
+                               generator=gen)[:max(1, num_rows - 1)].sort()
+    slots = torch.randperm(num_slots, generator=gen)[:len(penalised.values)]
+    row_slots = torch.full((num_rows, ), -1, dtype=torch.int64)
+    row_slots[penalised.values] = slots
     penalties = PenaltyCounts(
         presence=torch.rand(num_rows, generator=gen) * 2 - 1,
         frequency=torch.rand(num_rows, generator=gen) * 2 - 1,
         repetition=torch.rand(num_rows, generator=gen) + 0.5,
-        rows=rows,
-        slots=torch.randperm(num_slots, generator=gen)[:len(rows)],
+        rows=penalised.values,
+        slots=slots,
+        row_slots=row_slots,
         counts=counts.to(torch.int32),
-        in_prompt=torch.rand(num_slots, vocab_size, generator=gen) < 0.05)
-    on_device = PenaltyCounts(
-        **{
-            name: getattr(penalties, name).to(DEVICE)
-            for name in penalties.__dataclass_fields__
-        })
-    expected = _apply_penalty_counts(logits.clone(), penalties)
+        seen=pack_seen(in_prompt | (counts > 0)))
+    return bias, penalties
+
+
+def to_device(edits: Any) -> Any:
+    return type(edits)(**{
+        name: getattr(edits, name).to(DEVICE)
+        for name in edits.__dataclass_fields__
+    })
+
+
+@pytest.mark.parametrize("shape",
+                         [(3, 7), (5, 5000)] if INTERPRET else [(3, 7),
+                                                                (256, 151_936)])
+def test_edit_matches_torch(shape):
+    """``kernels.edit`` (bias, then penalties on every penalised row, whole)
+    equals ``apply_logit_bias`` then ``_apply_penalty_counts``: rows in any
+    order, slots elsewhere, -inf logits kept."""
+    num_rows, vocab_size = shape
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(num_rows, vocab_size, generator=gen) * 3
+    logits[0, :2] = NEG_INF
+    bias, penalties = random_edits(num_rows, vocab_size, gen)
+    expected = logits.clone()
+    expected.view(-1).index_add_(0, bias.keys, bias.values)
+    expected = _apply_penalty_counts(expected, penalties)
     got = logits.to(DEVICE)
-    kernels.apply_penalties(got, on_device)
+    kernels.edit(got, to_device(bias), to_device(penalties))
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_mark_tokens_matches_torch():
+    """The kernel's counts and seen bits equal those of the torch code (on
+    CPU tensors): repeated keys, bit 31 of a word, slots in any order."""
+    vocab_size, num_slots = 100, 5
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.randint(num_slots * vocab_size, (300, ), generator=gen)
+    keys = torch.cat([keys, torch.tensor([31, 63, 2 * vocab_size + 95])])
+    sampled = torch.randint(vocab_size, (7, ), generator=gen)
+    added_rows = torch.tensor([6, 0, 3])
+    added_slots = torch.tensor([4, 1, 2])
+    results = []
+    for mark_tokens, device in ((kernels.mark_tokens, DEVICE),
+                                (state_module.mark_tokens, CPU)):
+        counts = torch.zeros(num_slots,
+                             vocab_size,
+                             dtype=torch.int32,
+                             device=device)
+        seen = torch.zeros(num_slots,
+                           seen_words(vocab_size),
+                           dtype=torch.int32,
+                           device=device)
+        mark_tokens(counts, seen, keys[:200].to(device), True)
+        mark_tokens(counts, seen, keys[200:].to(device), False)
+        # As SamplingState adds the sampled tokens: slot * V + tokens[row].
+        mark_tokens(counts,
+                    seen,
+                    added_slots.to(device) * vocab_size,
+                    True,
+                    add=(sampled.to(device), added_rows.to(device)))
+        results.append((counts.cpu(), seen.cpu()))
+    (counts, seen), (expected_counts, expected_seen) = results
+    assert torch.equal(counts, expected_counts)
+    assert torch.equal(seen, expected_seen)
+    added = added_slots * vocab_size + sampled[added_rows]
+    marked = torch.zeros(num_slots * vocab_size, dtype=torch.bool)
+    marked[keys] = True
+    marked[added] = True
+    assert torch.equal(seen_mask(seen, vocab_size),
+                       marked.view(num_slots, vocab_size))
+    counted = torch.cat([keys[:200], added])
+    assert torch.equal(
+        counts.view(-1),
+        torch.bincount(counted, minlength=num_slots * vocab_size).int())
+
+
+# ----------------------------------------------------------------- logprobs
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [0, 1, 5, -1])
 @pytest.mark.parametrize("shape",
@@ -325,7 +424,13 @@ def mixed_params(num_rows: int, vocab_size: int,
     params = []
     for row in range(num_rows):
         if row % 4 == 3:
-            params.append(SamplingParams(temperature=0.0, logprobs=2))
+            # Greedy, with edits that move its argmax.
+            params.append(
+                SamplingParams(temperature=0.0,
+                               frequency_penalty=0.7,
+                               repetition_penalty=1.3,
+                               logit_bias={row * 5 % vocab_size: 3.0},
+                               logprobs=2))
             continue
         params.append(
             SamplingParams(temperature=0.5 + row / num_rows,
@@ -344,10 +449,13 @@ def mixed_params(num_rows: int, vocab_size: int,
 def run(logits: torch.Tensor,
         params: list[SamplingParams],
         fused: bool,
+        stateful: bool,
         rows: list[int] | None = None
         ) -> tuple[list[int], LogprobsTensors | None]:
     """The Sampler on ``logits``; row i's output tokens are those of row
-    ``rows[i]`` of the whole batch."""
+    ``rows[i]`` of the whole batch. The metadata comes from
+    ``SamplingState`` (penalties as device counts, as in the engine) with
+    ``stateful``, else from ``SamplingMetadata.prepare``."""
     vocab_size = logits.shape[1]
     rows = rows or list(range(len(params)))
     generators = [
@@ -355,23 +463,31 @@ def run(logits: torch.Tensor,
         for p in params
     ]
     outputs = [[(row * 7 + i) % vocab_size for i in range(5)] for row in rows]
-    md = make_metadata(params,
-                       vocab_size,
-                       generators=generators,
-                       output_token_ids=outputs,
-                       prompt_token_ids=[[1, 2, 3]] * len(params),
-                       device=DEVICE)
+    prompts = [[1, 2, 3]] * len(params)
+    if stateful:
+        md = SamplingState(DEVICE).prepare(rows, params, generators, outputs,
+                                           prompts, vocab_size)
+    else:
+        md = make_metadata(params,
+                           vocab_size,
+                           generators=generators,
+                           output_token_ids=outputs,
+                           prompt_token_ids=prompts,
+                           device=DEVICE)
     out = Sampler()(logits, md)
     if fused:
         assert out.recheck is None  # the fused draw is exact
     return out.to_host()
 
 
+@pytest.mark.parametrize("stateful", [False, True])
 @pytest.mark.parametrize("with_top_k", [False, True])
-def test_sampler_keeps_greedy_and_seeded_tokens(monkeypatch, with_top_k):
+def test_sampler_keeps_greedy_and_seeded_tokens(monkeypatch, with_top_k,
+                                                stateful):
     """The fused path gives the greedy rows the tokens (and logprobs) of the
     torch path, and the seeded rows the same tokens whatever the rest of
-    the batch."""
+    the batch. Stateful without top-k, the whole step is one launch: bias,
+    penalties and logprobs in the kernel."""
     num_rows, vocab_size = (12, 300) if INTERPRET else (64, 151_936)
     params = mixed_params(num_rows, vocab_size, with_top_k)
     gen = torch.Generator().manual_seed(7)
@@ -383,10 +499,13 @@ def test_sampler_keeps_greedy_and_seeded_tokens(monkeypatch, with_top_k):
         lambda *args, **kwargs: calls.append(1) or fused_sample(
             *args, **kwargs))
     use_kernels(monkeypatch, True)
-    tokens, lp = run(logits, params, fused=True)
+    tokens, lp = run(logits, params, fused=True, stateful=stateful)
     assert calls
     use_kernels(monkeypatch, False)
-    expected_tokens, expected_lp = run(logits, params, fused=False)
+    expected_tokens, expected_lp = run(logits,
+                                       params,
+                                       fused=False,
+                                       stateful=stateful)
     same = [row for row, p in enumerate(params) if p.temperature == 0.0]
     assert [tokens[row]
             for row in same] == [expected_tokens[row] for row in same]
@@ -394,6 +513,7 @@ def test_sampler_keeps_greedy_and_seeded_tokens(monkeypatch, with_top_k):
     seeded = [row for row, p in enumerate(params) if p.seed is not None]
     alone, _ = run(logits[seeded], [params[row] for row in seeded],
                    fused=True,
+                   stateful=stateful,
                    rows=seeded)
     assert alone == [tokens[row] for row in seeded]
     assert lp is not None and expected_lp is not None

@@ -9,7 +9,7 @@ from vllm.model_executor.layers.sampler import (
     Sampler, apply_allowed_token_ids, apply_bad_words, apply_logit_bias,
     apply_min_tokens, apply_penalties)
 from vllm.model_executor.sampling_metadata import (PenaltyCounts,
-                                                   SamplingMetadata)
+                                                   SamplingMetadata, seen_mask)
 from vllm.model_executor.sampling_state import SamplingState
 from vllm.sampling_params import SamplingParams
 
@@ -69,6 +69,13 @@ def edited(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     return work
 
 
+def restore_generators(generators: list[torch.Generator | None],
+                       states: list[torch.Tensor | None]) -> None:
+    for generator, saved in zip(generators, states):
+        if generator is not None:
+            generator.set_state(saved)
+
+
 def test_state_samples_as_prepare_across_steps():
     """Sequences join, finish, are preempted (absent, then back), change
     order; every step must give the same edited logits, tokens and logprobs
@@ -101,11 +108,11 @@ def test_state_samples_as_prepare_across_steps():
             assert getattr(kept_md, name) == getattr(fresh_md, name), name
         assert torch.equal(edited(logits, kept_md), edited(logits, fresh_md))
 
+        # prepare draws seeded keys from them: both samplers start here.
+        restore_generators(args[1], states)
         torch.manual_seed(step)
         fresh = Sampler()(logits, fresh_md)
-        for generator, saved in zip(args[1], states):
-            if generator is not None:
-                generator.set_state(saved)
+        restore_generators(args[1], states)
         torch.manual_seed(step)
         kept = Sampler()(logits, kept_md)
         assert torch.equal(kept.sampled_token_ids, fresh.sampled_token_ids)
@@ -143,8 +150,10 @@ def test_incremental_counts_equal_recomputed_counts():
         penalties = md.penalties
         assert isinstance(penalties, PenaltyCounts)
         assert penalties.rows.tolist() == rows
-        # Each row's slot holds its output's token counts and its prompt's
-        # tokens (the repetition penalty reads both).
+        assert penalties.row_slots.tolist() == penalties.slots.tolist()
+        # Each row's slot holds its output's token counts, and a seen bit
+        # for its output's and its prompt's tokens (the repetition penalty
+        # reads both).
         for row, slot in zip(rows, penalties.slots.tolist()):
             seq = seq_ids[row]
             assert slot == state._slot_of[seq]
@@ -152,8 +161,9 @@ def test_incremental_counts_equal_recomputed_counts():
                                                    dtype=torch.int64),
                                       minlength=VOCAB)
             assert torch.equal(penalties.counts[slot].long(), expected)
-            in_prompt = penalties.in_prompt[slot].nonzero().view(-1)
-            assert set(in_prompt.tolist()) == set(prompts[seq])
+            seen = seen_mask(penalties.seen[slot:slot + 1], VOCAB)[0]
+            assert (set(seen.nonzero().view(-1).tolist()) == set(prompts[seq])
+                    | set(outputs[seq]))
 
     for _ in range(5):
         check([0, 1])
@@ -283,3 +293,39 @@ def test_engine_path_never_syncs(device: str):
                 if greedy[row]:
                     assert tokens[row] == expected[row], (name, step, row)
                 outputs[row].append(tokens[row])
+
+
+def test_sampled_ids_grow_the_counts_without_reading_outputs():
+    """After ``sampled``, a step where every output grew by one adds the
+    sampled ids (here the host lists hold placeholders: their tokens are
+    not read); a step with another batch rebuilds from the lists."""
+    state = SamplingState(CPU)
+    params = [SamplingParams(presence_penalty=1.0)] * 2
+    prompts = [[0], [0]]
+    outputs = [[1], [2, 3]]
+    real = [[1], [2, 3]]
+
+    def counts_of(seq_ids: list[int]) -> list[torch.Tensor]:
+        md = state.prepare(seq_ids, params[:len(seq_ids)],
+                           [None] * len(seq_ids), [outputs[i] for i in seq_ids],
+                           [prompts[i] for i in seq_ids], VOCAB)
+        penalties = md.penalties
+        assert isinstance(penalties, PenaltyCounts)
+        return [penalties.counts[slot].long() for slot in penalties.slots]
+
+    counts_of([0, 1])
+    for step in range(3):
+        drawn = [5 + step, 7]
+        state.sampled(torch.tensor(drawn))
+        for output, full, token in zip(outputs, real, drawn):
+            output.append(-1)  # not known on the host yet
+            full.append(token)
+        for got, tokens in zip(counts_of([0, 1]), real):
+            assert torch.equal(
+                got, torch.bincount(torch.tensor(tokens), minlength=VOCAB))
+    for output, full in zip(outputs, real):
+        output[:] = full
+    # Another batch: rebuilt from the (now real) lists.
+    assert torch.equal(
+        counts_of([1])[0], torch.bincount(torch.tensor(real[1]),
+                                          minlength=VOCAB))

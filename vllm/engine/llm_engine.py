@@ -35,6 +35,7 @@ from vllm.engine.stop_checker import StopChecker
 from vllm.executor.uniproc_executor import UniProcExecutor
 from vllm.logger import init_logger
 from vllm.model_executor.layers.sampler import LogprobsTensors
+from vllm.model_executor.sampling_metadata import sequence_key
 from vllm.outputs import (CompletionOutput, Logprob, PromptLogprobs,
                           RequestOutput)
 from vllm.sampling_params import (BeamSearchParams, RequestOutputKind,
@@ -250,8 +251,8 @@ class LLMEngine:
             getattr(self.model_config.hf_config, "eos_token_id", None))
         generator = None
         if params.seed is not None:
-            # On the host: with the sampler's kernels it draws one key per
-            # step, no device work (the torch path copies its noise over).
+            # On the host (the torch path copies its noise over); the
+            # sampler's kernels use the sequences' seed_key instead.
             generator = torch.Generator().manual_seed(params.seed)
         self._queue(request_id, tokens_prompt, params, arrival_time, priority,
                     generator)
@@ -313,6 +314,9 @@ class LLMEngine:
                      self._make_detokenizer(prompt_ids, params))
             for _ in range(params.n)
         ]
+        if params.seed is not None:
+            for index, seq in enumerate(seqs):
+                seq.seed_key = sequence_key(params.seed, index)
         seq_group = SequenceGroup(request_id,
                                   seqs,
                                   params,
@@ -486,7 +490,8 @@ class LLMEngine:
                                  generator=group.generator,
                                  prompt_token_ids=seq.prompt_token_ids,
                                  output_token_ids=seq.output_token_ids,
-                                 prompt_logprobs_from=prompt_logprobs_from)
+                                 prompt_logprobs_from=prompt_logprobs_from,
+                                 seed_key=seq.seed_key)
 
     def _process_outputs(self, scheduled: list[ScheduledSequenceGroup],
                          result: ModelRunnerOutput, advanced: bool) -> int:

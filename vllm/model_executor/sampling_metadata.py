@@ -42,10 +42,48 @@ class PenaltyCounts:
     repetition: torch.Tensor  # [N] float32; 1.0 is off
     rows: torch.Tensor  # [P] int64: the penalised rows of the logits
     slots: torch.Tensor  # [P] int64: the slot of each, in ``counts``
+    row_slots: torch.Tensor  # [N] int64: each row's slot, -1 if unpenalised
     counts: torch.Tensor  # [slots, V] int32: each token's count in the output
-    # [slots, V] bool: the token is in the prompt (rows with a repetition
-    # penalty; False elsewhere)
-    in_prompt: torch.Tensor
+    # [slots, ceil(V / 32)] int32: bit t % 32 of word t // 32 is set when
+    # token t is in the output, or in the prompt of a row with a repetition
+    # penalty (``seen_mask`` unpacks it). A kernel reads these few bytes
+    # and the counts only where a bit is set.
+    seen: torch.Tensor
+
+
+def seen_mask(seen: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``PenaltyCounts.seen`` rows [P, W] unpacked to [P, vocab_size] bool."""
+    bits = torch.arange(32, dtype=torch.int32, device=seen.device)
+    mask = ((seen.unsqueeze(-1) >> bits) & 1).bool()  # [P, W, 32]
+    return mask.view(seen.shape[0], -1)[:, :vocab_size]
+
+
+def seen_words(vocab_size: int) -> int:
+    """Words of ``PenaltyCounts.seen`` per slot."""
+    return -(-vocab_size // 32)
+
+
+@dataclass
+class LogitBias:
+    """Each request's logit_bias, in order of row, then of token id."""
+    keys: torch.Tensor  # [B] int64: row * vocab_size + token id, each once
+    values: torch.Tensor  # [B] float32: the bias added there
+    # [N + 1] int64: row i's entries are keys[row_starts[i]:row_starts[i+1]]
+    row_starts: torch.Tensor
+
+
+def add_logit_bias(host: "HostBuffers", rows: np.ndarray, cols: np.ndarray,
+                   values: np.ndarray, num_rows: int, vocab_size: int) -> None:
+    """``LogitBias``'s arrays (``logit_bias_of`` reads them back) from
+    (row, col, value) triples sorted by row, then col."""
+    host.add("bias_keys", rows * vocab_size + cols, np.int64)
+    host.add("bias_values", values, np.float32)
+    host.add("bias_starts", np.searchsorted(rows, np.arange(num_rows + 1)),
+             np.int64)
+
+
+def logit_bias_of(get: Callable[[str], torch.Tensor]) -> LogitBias:
+    return LogitBias(get("bias_keys"), get("bias_values"), get("bias_starts"))
 
 
 @dataclass
@@ -85,14 +123,17 @@ class SamplingMetadata:
     # Each row's index in ``generators`` [N] int64, -1 when unseeded; None
     # when no row is seeded.
     seeded_index: torch.Tensor | None
+    # The step's Philox key of each seeded row [S] int64, in ``generators``'
+    # order: the kernels make a seeded row's noise from it alone. Drawn from
+    # the row's generator by ``prepare``; ``SamplingState`` draws one per
+    # sequence once and derives each step's from it (``step_keys``).
+    seeded_keys: torch.Tensor | None
     # Top logprobs to return (the batch's largest request); None: no row asked.
     max_num_logprobs: int | None
     # Positions that min_tokens forbids (row, token id): (rows [M], cols [M]).
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None
     penalties: PenaltyTensors | PenaltyCounts | None
-    # Positions row * vocab_size + token id [B] int64 (each at most once) and
-    # the bias [B] float32 added there.
-    logit_bias: tuple[torch.Tensor, torch.Tensor] | None
+    logit_bias: LogitBias | None
     # The rows that have allowed_token_ids [R], and (rows [A], cols [A]): the
     # tokens they allow. Every other logit of those rows becomes -inf.
     allowed_token_ids: tuple[torch.Tensor, tuple[torch.Tensor,
@@ -198,6 +239,17 @@ class SamplingMetadata:
             host.add("seeded_rows", list(seeded), np.int64)
             host.add("seeded_index", seeded_index(seeded, len(params)),
                      np.int64)
+        seeded_keys = None
+        if any(g.device.type != "cpu" for g in seeded.values()):
+            # Drawn where the generators are: no wait for the device.
+            seeded_keys = torch.cat([
+                torch.randint(1 << 62, (1, ), generator=g,
+                              device=g.device).to(device)
+                for g in seeded.values()
+            ])
+        elif seeded:
+            host.add("seeded_keys", [draw_key(g) for g in seeded.values()],
+                     np.int64)
         if use_top_p:
             host.add("top_p", [p.top_p for p in params], np.float32)
         if use_top_k:
@@ -218,6 +270,8 @@ class SamplingMetadata:
         use_logit_bias = _add_logit_bias(host, params, vocab_size)
         use_allowed = _add_allowed_token_ids(host, params, vocab_size)
         get = host.to_device()
+        if seeded and seeded_keys is None:
+            seeded_keys = get("seeded_keys")
 
         def pair(rows: str, cols: str) -> tuple[torch.Tensor, torch.Tensor]:
             return get(rows), get(cols)
@@ -246,6 +300,7 @@ class SamplingMetadata:
             generators=seeded,
             seeded_rows=get("seeded_rows") if seeded else None,
             seeded_index=get("seeded_index") if seeded else None,
+            seeded_keys=seeded_keys,
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
             min_tokens_mask=(pair("min_tokens_rows", "min_tokens_cols")
                              if mask_rows else None),
@@ -256,8 +311,7 @@ class SamplingMetadata:
                 output_keys=get("output_keys"),
                 prompt_keys=get("prompt_keys"),
             ) if use_penalties else None,
-            logit_bias=((get("bias_keys"),
-                         get("bias_values")) if use_logit_bias else None),
+            logit_bias=logit_bias_of(get) if use_logit_bias else None,
             allowed_token_ids=((get("allowed_row_ids"),
                                 pair("allowed_rows", "allowed_cols"))
                                if use_allowed else None),
@@ -421,9 +475,10 @@ def _add_logit_bias(host: "HostBuffers", params: list[SamplingParams],
                                                        for _, bias in biased),
                          dtype=np.float32,
                          count=len(cols))
-    keep = cols < vocab_size
-    host.add("bias_keys", rows[keep] * vocab_size + cols[keep], np.int64)
-    host.add("bias_values", values[keep], np.float32)
+    order = np.lexsort((cols, rows))
+    keep = order[cols[order] < vocab_size]
+    add_logit_bias(host, rows[keep], cols[keep], values[keep], len(params),
+                   vocab_size)
     return True
 
 
@@ -439,6 +494,36 @@ def _add_allowed_token_ids(host: "HostBuffers", params: list[SamplingParams],
     host.add("allowed_rows", rows[keep], np.int64)
     host.add("allowed_cols", cols[keep], np.int64)
     return True
+
+
+def draw_key(generator: torch.Generator) -> int:
+    """A Philox key from a seeded request's generator (a CUDA generator
+    waits for the device; the engine's are on the CPU)."""
+    return int(
+        torch.randint(1 << 62, (1, ),
+                      generator=generator,
+                      device=generator.device).item())
+
+
+def sequence_key(seed: int, index: int) -> int:
+    """The Philox key of sample ``index`` (of ``n``) of a request seeded
+    with ``seed``: what the engine gives ``SamplingState`` for its
+    sequences, kept across preemptions, consuming no generator state."""
+    mixed = (seed * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
+    return mixed & ((1 << 62) - 1)
+
+
+# Odd, about 2^64 / golden ratio: step keys of one sequence spread apart.
+_KEY_STEP = np.uint64(0x9E3779B97F4A7C15)
+_KEY_MASK = np.uint64((1 << 62) - 1)
+
+
+def step_keys(keys: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """The Philox key of step ``steps`` [S] (tokens generated so far) of the
+    sequences whose own keys are ``keys`` [S] int64: a function of the two
+    alone, so a seeded sequence draws the same noise whatever the batch."""
+    mixed = keys.astype(np.uint64) + steps.astype(np.uint64) * _KEY_STEP
+    return (mixed & _KEY_MASK).astype(np.int64)
 
 
 def seeded_index(seeded: dict[int, torch.Generator],
@@ -484,6 +569,8 @@ class HostBuffers:
         on_device: dict[type, torch.Tensor] = {}
         pin_memory = self.device.type == "cuda"
         for dtype, arrays in self.arrays.items():
+            if not arrays:
+                continue
             size = sum(len(a) for a in arrays)
             torch_dtype = torch.int64 if dtype is np.int64 else torch.float32
             buffer = torch.empty(size, dtype=torch_dtype, pin_memory=pin_memory)

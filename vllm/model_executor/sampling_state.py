@@ -8,9 +8,12 @@ but keeps what does not change between steps:
   once, when it joins. The per-row tensors are rebuilt only when the batch's
   sequences change: an unchanged all-greedy batch costs one list comparison.
 - for the penalties, each slot's output token counts ([slots, vocab] int32)
-  and which tokens its prompt holds ([slots, vocab] bool, for a repetition
-  penalty) stay on the device; a step uploads only the tokens sampled since
-  the last one (one int per row) and adds them to the counts in place.
+  and a bit per token seen in its output or prompt (``PenaltyCounts.seen``)
+  stay on the device; a step adds only the tokens sampled since the last
+  one, in place. When the caller passed the last step's sampled ids to
+  ``sampled`` and every output grew by one, those ids (already on the
+  device) are the new tokens: the host reads no token at all. Otherwise it
+  uploads each output's last token (one int per row).
 
 Only rows with min_tokens or bad words look at their outputs on the host at
 every step. A sequence absent from a step loses its slot (it finished, or
@@ -25,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm.model_executor.sampling_metadata import (HostBuffers, PenaltyCounts,
-                                                   SamplingMetadata,
-                                                   bad_words_pairs,
-                                                   checked_bad_words, pairs,
-                                                   seeded_index)
+from vllm.model_executor.layers.ops import get_sampling_kernels
+from vllm.model_executor.sampling_metadata import (
+    HostBuffers, PenaltyCounts, SamplingMetadata, add_logit_bias,
+    bad_words_pairs, checked_bad_words, draw_key, logit_bias_of, pairs,
+    seeded_index, seen_words, step_keys)
 from vllm.sampling_params import (LogitsProcessor, SamplingParams, SamplingType,
                                   logits_processor_takes_prompt)
 
@@ -38,6 +41,9 @@ _TEMPERATURE, _TOP_P, _MIN_P, _TOP_N_SIGMA = 0, 1, 2, 3
 _PRESENCE, _FREQUENCY, _REPETITION = 4, 5, 6
 # Columns of SamplingState._ints.
 _GREEDY, _TOP_K, _NUM_LOGPROBS, _MIN_TOKENS, _FLAGS = 0, 1, 2, 3, 4
+# SamplingState._last_token of an output whose last token only the device
+# knows (it came from ``SamplingState.sampled``).
+_UNKNOWN = -2
 # Bits of the _FLAGS column: which sparse features a slot uses.
 _PENALISED, _BIAS, _ALLOWED, _BAD_WORDS, _PROCESSORS, _SEEDED = (
     1 << i for i in range(6))
@@ -47,6 +53,7 @@ _PENALISED, _BIAS, _ALLOWED, _BAD_WORDS, _PROCESSORS, _SEEDED = (
 class _Request:
     """What a slot keeps of its sequence besides its numeric parameters."""
     generator: torch.Generator | None
+    key: int  # a seeded sequence's own Philox key (``step_keys``)
     stop_ids: np.ndarray  # [S] int64: forbidden while below min_tokens
     bias: tuple[np.ndarray, np.ndarray] | None  # token ids, values
     allowed: np.ndarray | None  # token ids
@@ -60,6 +67,8 @@ class _CountsUpdate:
     """What ``_update_counts`` uploaded for the device side."""
     rebuilt: bool = False  # rebuild_slots, rebuild_keys, prompt_keys
     appended: bool = False  # append_keys
+    # The ids ``SamplingState.sampled`` got: each penalised row's new token.
+    sampled: torch.Tensor | None = None
 
 
 @dataclass
@@ -74,8 +83,13 @@ class _Batch:
     penalised_slots: np.ndarray  # [P] int64
     penalised_rows_dev: torch.Tensor | None  # [P] int64
     penalised_slots_dev: torch.Tensor | None  # [P] int64
+    slot_keys_dev: torch.Tensor | None  # [P] int64: slot * vocab_size
+    row_slots_dev: torch.Tensor | None  # [N] int64, -1 where unpenalised
     # presence, frequency, repetition [N] float32, when some row is penalised
     penalty_params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    # Seeded rows, and their sequences' keys [S] int64.
+    seeded_rows: list[int]
+    seeded_keys: np.ndarray
     # Only the metadata's output and prompt lists change at each step.
     static: bool
 
@@ -112,31 +126,47 @@ class SamplingState:
         # counts hold, and how many of them they hold.
         self._outputs = np.empty(0, dtype=object)
         self._output_len = np.zeros(0, dtype=np.int64)
-        self._last_token = np.zeros(0, dtype=np.int64)  # of that output
+        # Its last token; _UNKNOWN when the device added it (``sampled``).
+        self._last_token = np.zeros(0, dtype=np.int64)
         # Allocated with the first penalised sequence, grown with the slots.
         self._counts: torch.Tensor | None = None  # [slots, V] int32
-        self._in_prompt: torch.Tensor | None = None  # [slots, V] bool
+        self._seen: torch.Tensor | None = None  # [slots, V / 32] int32
         self._batch: _Batch | None = None
+        # The ids sampled with the last metadata (``sampled``).
+        self._sampled: torch.Tensor | None = None
 
     @property
     def num_slots(self) -> int:
         """Slots in use: the sequences of the last step."""
         return len(self._slot_of)
 
-    def prepare(self, seq_ids: list[int], params: list[SamplingParams],
+    def prepare(self,
+                seq_ids: list[int],
+                params: list[SamplingParams],
                 generators: list[torch.Generator | None],
                 output_token_ids: list[list[int]],
                 prompt_token_ids: list[list[int]],
-                vocab_size: int) -> SamplingMetadata:
+                vocab_size: int,
+                seed_keys: list[int | None] | None = None) -> SamplingMetadata:
         """The metadata of one step; ``seq_ids[i]`` identifies row i's
         sequence, the other lists are as for ``SamplingMetadata.prepare``
-        (bad words come from ``params.bad_words_token_ids``)."""
+        (bad words come from ``params.bad_words_token_ids``).
+
+        ``seed_keys[i]``: the Philox key of row i's sequence when seeded
+        (``sequence_key``; the kernels' noise is a function of it and the
+        output length). Without it, a seeded sequence draws one from its
+        generator when it takes a slot, so one that leaves a step and comes
+        back draws another.
+        """
         if vocab_size != self.vocab_size:
             self._reset(vocab_size)
         batch = self._batch
+        sampled, self._sampled = self._sampled, None
         if batch is None or batch.seq_ids != seq_ids:
+            sampled = None  # of other rows
             batch = self._batch = self._new_batch(list(seq_ids), params,
-                                                  generators, output_token_ids,
+                                                  generators, seed_keys,
+                                                  output_token_ids,
                                                   prompt_token_ids)
         if batch.static:
             # Its token lists are those of the same sequences.
@@ -155,7 +185,14 @@ class SamplingState:
             host.add("bad_rows", bad_rows, np.int64)
             host.add("bad_cols", bad_cols, np.int64)
         update = self._update_counts(batch, output_token_ids, prompt_token_ids,
-                                     host)
+                                     host, sampled)
+        if batch.seeded_rows:
+            steps = np.fromiter(
+                (len(output_token_ids[row]) for row in batch.seeded_rows),
+                dtype=np.int64,
+                count=len(batch.seeded_rows))
+            host.add("seeded_keys", step_keys(batch.seeded_keys, steps),
+                     np.int64)
         get = host.to_device()
         penalties = None
         if batch.penalised_rows:
@@ -169,12 +206,21 @@ class SamplingState:
             penalties=penalties,
             has_masked_tokens=bool(batch.metadata.has_masked_tokens or mask_rows
                                    or bad_rows),
+            seeded_keys=get("seeded_keys") if batch.seeded_rows else None,
             output_token_ids=output_token_ids,
             prompt_token_ids=prompt_token_ids)
 
+    def sampled(self, token_ids: torch.Tensor) -> None:
+        """The ids [N] sampled with the metadata ``prepare`` returned last
+        (on its device; final, e.g. after ``SamplerOutput.to_host``). The
+        next ``prepare`` of the same sequences takes them as the token each
+        output gained, when each grew by exactly one (as decoding appends
+        the sampled token), without reading the outputs' tokens."""
+        self._sampled = token_ids
+
     # ------------------------------------------------------------ slots
     def _admit(self, seq_id: int, params: SamplingParams,
-               generator: torch.Generator | None) -> int:
+               generator: torch.Generator | None, key: int | None) -> int:
         """A slot for a sequence that joins, with its parameters."""
         if not self._free:
             self._grow_slots(max(16, 2 * len(self._requests)))
@@ -194,7 +240,9 @@ class SamplingState:
         if params.logit_bias:
             cols = np.fromiter(params.logit_bias, dtype=np.int64)
             values = np.fromiter(params.logit_bias.values(), dtype=np.float32)
-            bias = cols[cols < vocab_size], values[cols < vocab_size]
+            order = np.argsort(cols)  # LogitBias sorts each row's columns
+            keep = order[cols[order] < vocab_size]
+            bias = cols[keep], values[keep]
         allowed = None
         if params.allowed_token_ids is not None:
             allowed = np.asarray(params.allowed_token_ids, dtype=np.int64)
@@ -219,14 +267,16 @@ class SamplingState:
                 params.logprobs, vocab_size))
         self._ints[slot] = (greedy, vocab_size if params.top_k == 0 else min(
             params.top_k, vocab_size), num_logprobs, params.min_tokens, flags)
-        self._requests[slot] = _Request(generator=generator,
-                                        stop_ids=stop_ids,
-                                        bias=bias,
-                                        allowed=allowed,
-                                        bad_words=bad_words,
-                                        processors=processors,
-                                        uses_prompt=params.repetition_penalty
-                                        != 1.0)
+        self._requests[slot] = _Request(
+            generator=generator,
+            key=(0 if generator is None else
+                 draw_key(generator) if key is None else key),
+            stop_ids=stop_ids,
+            bias=bias,
+            allowed=allowed,
+            bad_words=bad_words,
+            processors=processors,
+            uses_prompt=params.repetition_penalty != 1.0)
         # No counts yet: the first step converts the output.
         self._outputs[slot] = None
         self._output_len[slot] = 0
@@ -257,6 +307,7 @@ class SamplingState:
     # ------------------------------------------------------------ batches
     def _new_batch(self, seq_ids: list[int], params: list[SamplingParams],
                    generators: list[torch.Generator | None],
+                   seed_keys: list[int | None] | None,
                    output_token_ids: list[list[int]],
                    prompt_token_ids: list[list[int]]) -> _Batch:
         """Slots for a new composition, and the metadata that stays."""
@@ -266,7 +317,8 @@ class SamplingState:
             self._release(seq_id)
         for seq_id in row_of.keys() - self._slot_of.keys():
             row = row_of[seq_id]
-            self._admit(seq_id, params[row], generators[row])
+            self._admit(seq_id, params[row], generators[row],
+                        None if seed_keys is None else seed_keys[row])
         slots = np.fromiter(map(self._slot_of.__getitem__, seq_ids),
                             dtype=np.int64,
                             count=len(seq_ids))
@@ -306,6 +358,9 @@ class SamplingState:
             host.add("seeded_rows", list(seeded), np.int64)
             host.add("seeded_index", seeded_index(seeded, len(seq_ids)),
                      np.int64)
+        seeded_keys = np.fromiter((request(row).key for row in seeded),
+                                  dtype=np.int64,
+                                  count=len(seeded))
         host.add("is_greedy", is_greedy, np.int64)
         if use_top_p:
             host.add("top_p", top_p, np.float32)
@@ -321,13 +376,17 @@ class SamplingState:
             host.add("repetition", floats[:, _REPETITION], np.float32)
             host.add("penalised_rows", penalised_rows, np.int64)
             host.add("penalised_slots", penalised_slots, np.int64)
+            host.add("slot_keys", penalised_slots * vocab_size, np.int64)
+            row_slots = np.full(len(seq_ids), -1, dtype=np.int64)
+            row_slots[penalised_rows] = penalised_slots
+            host.add("row_slots", row_slots, np.int64)
         bias_rows = rows_with(_BIAS)
         if bias_rows:
             biases = [request(row).bias for row in bias_rows]
             rows, cols = pairs(bias_rows, [b[0] for b in biases if b])
-            host.add("bias_keys", rows * vocab_size + cols, np.int64)
-            host.add("bias_values", np.concatenate([b[1] for b in biases if b]),
-                     np.float32)
+            add_logit_bias(host, rows, cols,
+                           np.concatenate([b[1] for b in biases if b]),
+                           len(seq_ids), vocab_size)
         allowed_rows = rows_with(_ALLOWED)
         if allowed_rows:
             allowed = [request(row).allowed for row in allowed_rows]
@@ -371,12 +430,12 @@ class SamplingState:
             generators=seeded,
             seeded_rows=get("seeded_rows") if seeded else None,
             seeded_index=get("seeded_index") if seeded else None,
+            seeded_keys=None,  # each step's, from prepare
             max_num_logprobs=(int(num_logprobs.max()) if
                               (num_logprobs >= 0).any() else None),
             min_tokens_mask=None,
             penalties=None,
-            logit_bias=((get("bias_keys"),
-                         get("bias_values")) if bias_rows else None),
+            logit_bias=logit_bias_of(get) if bias_rows else None,
             allowed_token_ids=((get("allowed_row_ids"), (get("allowed_rows"),
                                                          get("allowed_cols")))
                                if allowed_rows else None),
@@ -397,9 +456,14 @@ class SamplingState:
                                 if penalised_rows else None),
             penalised_slots_dev=(get("penalised_slots")
                                  if penalised_rows else None),
+            slot_keys_dev=get("slot_keys") if penalised_rows else None,
+            row_slots_dev=get("row_slots") if penalised_rows else None,
             penalty_params=((get("presence"), get("frequency"),
                              get("repetition")) if penalised_rows else None),
-            static=not (min_tokens_rows or bad_words_rows or penalised_rows))
+            seeded_rows=list(seeded),
+            seeded_keys=seeded_keys,
+            static=not (min_tokens_rows or bad_words_rows or penalised_rows
+                        or seeded))
 
     def _min_tokens_pairs(
             self, batch: _Batch,
@@ -417,26 +481,34 @@ class SamplingState:
 
     # ------------------------------------------------------------ penalties
     def _update_counts(self, batch: _Batch, output_token_ids: list[list[int]],
-                       prompt_token_ids: list[list[int]],
-                       host: HostBuffers) -> _CountsUpdate:
+                       prompt_token_ids: list[list[int]], host: HostBuffers,
+                       sampled: torch.Tensor | None) -> _CountsUpdate:
         """Host side of bringing the penalised rows' device counts up to
-        date: add the one token each output gained since the last step,
-        rebuild the rows that changed otherwise (and new ones)."""
+        date: add the one token each output gained since the last step (from
+        ``sampled`` when given), rebuild the rows that changed otherwise
+        (and new ones)."""
         rows = batch.penalised_rows
         if not rows:
             return _CountsUpdate()
         slots = batch.penalised_slots
-        outputs = list(map(output_token_ids.__getitem__, rows))
+        outputs = (output_token_ids if len(rows) == len(output_token_ids) else
+                   list(map(output_token_ids.__getitem__, rows)))
         lengths = np.fromiter(map(len, outputs),
                               dtype=np.int64,
                               count=len(rows))
+        known = self._output_len[slots]
+        grown = lengths - known
+        if (sampled is not None and (grown == 1).all()
+                and all(map(operator.is_, outputs, self._outputs[slots]))):
+            self._output_len[slots] += 1
+            self._last_token[slots] = _UNKNOWN
+            return _CountsUpdate(sampled=sampled)
         same = np.fromiter(map(operator.is_, outputs, self._outputs[slots]),
                            dtype=bool,
                            count=len(rows))
-        known = self._output_len[slots]
-        grown = lengths - known
         # Was the last token converted changed in place?
-        check = np.flatnonzero(same & (known > 0) & (grown >= 0))
+        check = np.flatnonzero(same & (known > 0) & (grown >= 0)
+                               & (self._last_token[slots] != _UNKNOWN))
         if len(check):
             last_known = np.fromiter(map(operator.getitem,
                                          _pick(outputs, check),
@@ -490,41 +562,78 @@ class SamplingState:
         counts = torch.zeros((num_slots, self.vocab_size),
                              dtype=torch.int32,
                              device=self.device)
-        in_prompt = torch.zeros((num_slots, self.vocab_size),
-                                dtype=torch.bool,
-                                device=self.device)
-        if self._counts is not None and self._in_prompt is not None:
+        seen = torch.zeros((num_slots, seen_words(self.vocab_size)),
+                           dtype=torch.int32,
+                           device=self.device)
+        if self._counts is not None and self._seen is not None:
             counts[:self._counts.shape[0]] = self._counts
-            in_prompt[:self._in_prompt.shape[0]] = self._in_prompt
-        self._counts, self._in_prompt = counts, in_prompt
+            seen[:self._seen.shape[0]] = self._seen
+        self._counts, self._seen = counts, seen
 
     def _penalty_counts(self, batch: _Batch, update: _CountsUpdate,
                         get: Callable[[str], torch.Tensor]) -> PenaltyCounts:
         """Device side: apply the uploaded updates to the counts."""
-        counts, in_prompt = self._counts, self._in_prompt
-        assert counts is not None and in_prompt is not None
+        counts, seen = self._counts, self._seen
+        assert counts is not None and seen is not None
         assert batch.penalised_rows_dev is not None
         assert batch.penalised_slots_dev is not None
+        assert batch.row_slots_dev is not None
         assert batch.penalty_params is not None
-        # Counts grow by index_add_ on the flat view (atomics).
-        flat_counts = counts.view(-1)
         if update.rebuilt:
             rebuilt = get("rebuild_slots")
             counts.index_fill_(0, rebuilt, 0)
-            keys = get("rebuild_keys")
-            flat_counts.index_add_(0, keys,
-                                   torch.ones_like(keys, dtype=torch.int32))
-            in_prompt.index_fill_(0, rebuilt, False)
-            in_prompt.view(-1).index_fill_(0, get("prompt_keys"), True)
+            seen.index_fill_(0, rebuilt, 0)
+            mark_tokens(counts, seen, get("rebuild_keys"), count=True)
+            mark_tokens(counts, seen, get("prompt_keys"), count=False)
         if update.appended:
-            keys = get("append_keys")
-            flat_counts.index_add_(0, keys,
-                                   torch.ones_like(keys, dtype=torch.int32))
+            mark_tokens(counts, seen, get("append_keys"), count=True)
+        if update.sampled is not None:
+            assert batch.slot_keys_dev is not None
+            mark_tokens(counts,
+                        seen,
+                        batch.slot_keys_dev,
+                        count=True,
+                        add=(update.sampled, batch.penalised_rows_dev))
         presence, frequency, repetition = batch.penalty_params
         return PenaltyCounts(presence=presence,
                              frequency=frequency,
                              repetition=repetition,
                              rows=batch.penalised_rows_dev,
                              slots=batch.penalised_slots_dev,
+                             row_slots=batch.row_slots_dev,
                              counts=counts,
-                             in_prompt=in_prompt)
+                             seen=seen)
+
+
+def mark_tokens(counts: torch.Tensor,
+                seen: torch.Tensor,
+                keys: torch.Tensor,
+                count: bool,
+                add: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Set the seen bit of each key (slot * V + token id [K] int64) in
+    ``seen`` and, with ``count``, add one to ``counts`` there (keys may
+    repeat). With ``add`` = (tokens [N], rows [K]), key i is keys[i] +
+    tokens[rows[i]]. One Triton launch on CUDA; torch elsewhere."""
+    kernels = get_sampling_kernels() if counts.is_cuda else None
+    if kernels is not None:
+        kernels.mark_tokens(counts, seen, keys, count, add)
+        return
+    if add is not None:
+        tokens, rows = add
+        keys = keys + tokens.index_select(0, rows)
+    if count:
+        counts.view(-1).index_add_(0, keys,
+                                   torch.ones_like(keys, dtype=torch.int32))
+    keys = keys.unique()
+    vocab_size = counts.shape[1]
+    slots = keys // vocab_size
+    tokens = keys - slots * vocab_size
+    words = slots * seen.shape[1] + tokens // 32
+    bits = torch.ones_like(tokens) << (tokens % 32)  # int64
+    flat = seen.view(-1)
+    new = (flat[words].long() & bits) == 0
+    # Distinct bits, none set yet: adding them is or-ing them. Bit 31 is
+    # int32's sign bit.
+    bits = bits[new]
+    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
+    flat.index_add_(0, words[new], bits.to(torch.int32))

@@ -201,8 +201,10 @@ class ModelRunner:
              for s in sampling_seqs], [s.generator for s in sampling_seqs],
             [s.output_token_ids for s in sampling_seqs],
             [s.prompt_token_ids for s in sampling_seqs],
-            vocab_size=logits.shape[-1])
+            vocab_size=logits.shape[-1],
+            seed_keys=[s.seed_key for s in sampling_seqs])
         output = self.sampler(logits, metadata)
+        self.sampling_state.sampled(output.sampled_token_ids)
         seq_ids = [s.seq_id for s in sampling_seqs]
         self._last_sampled = ({
             seq_id: row

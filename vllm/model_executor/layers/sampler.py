@@ -50,7 +50,8 @@ import torch
 
 from vllm.model_executor.layers.ops import get_sampling_kernels
 from vllm.model_executor.sampling_metadata import (PenaltyCounts,
-                                                   SamplingMetadata)
+                                                   PenaltyTensors,
+                                                   SamplingMetadata, seen_mask)
 
 # Rows of logits that compute_topk_logprobs handles at once (x V floats).
 _LOGPROBS_CHUNK_ELEMENTS = 1 << 26
@@ -173,25 +174,28 @@ class Sampler(torch.nn.Module):
         """``logits`` [N, V] (any float dtype) is not modified."""
         md = sampling_metadata
         recheck = None
+        logprobs_tensors = None
+        kernels = _sampling_kernels(logits)
         if md.all_greedy and not md.edits_logits:
             # The argmax of the logits as they are: a float32 copy would
             # give the same token (the conversion is exact).
             sampled = logits.argmax(dim=-1)
+        elif kernels is not None and _fuses_step(md):
+            # Bias, penalties, thresholds, draw and logprobs in one launch;
+            # a float32 copy only when something masks or rewrites logits.
+            work = apply_masks(logits, md, copy=False)
+            sampled, logprobs_tensors = fused_random_sample(kernels,
+                                                            work,
+                                                            md,
+                                                            edit=True,
+                                                            logprobs=work
+                                                            is logits)
         else:
-            # [N, V] float32, our own contiguous copy.
-            work = logits.to(torch.float32,
-                             memory_format=torch.contiguous_format,
-                             copy=True)
-            work = apply_logits_processors(work, md)
-            work = apply_allowed_token_ids(work, md)
-            work = apply_bad_words(work, md)
-            work = apply_min_tokens(work, md)
-            work = apply_logit_bias(work, md)
-            work = apply_penalties(work, md)
+            work = apply_masks(logits, md, copy=True)
+            work = apply_bias_and_penalties(work, md, kernels)
             sampled, recheck = sample(work, md, logits)  # [N]
 
-        logprobs_tensors = None
-        if md.max_num_logprobs is not None:
+        if md.max_num_logprobs is not None and logprobs_tensors is None:
             logprobs_tensors = compute_topk_logprobs(logits, sampled,
                                                      md.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=sampled,
@@ -200,6 +204,40 @@ class Sampler(torch.nn.Module):
 
 
 # ------------------------------------------------ steps that apply to all rows
+def _fuses_step(md: SamplingMetadata) -> bool:
+    """Whether ``kernels.sample`` does the whole step: no top-k/top-p (they
+    sort the edited logits) and penalties as device counts."""
+    return (md.top_k is None and md.top_p is None
+            and not isinstance(md.penalties, PenaltyTensors))
+
+
+def apply_masks(logits: torch.Tensor, md: SamplingMetadata,
+                copy: bool) -> torch.Tensor:
+    """The logits processors and the masks (allowed tokens, bad words,
+    min_tokens) on a float32 copy; ``logits`` itself when none applies and
+    not ``copy``."""
+    if not copy and not (md.logits_processors or md.has_masked_tokens):
+        return logits
+    # [N, V] float32, our own contiguous copy.
+    work = logits.to(torch.float32,
+                     memory_format=torch.contiguous_format,
+                     copy=True)
+    work = apply_logits_processors(work, md)
+    work = apply_allowed_token_ids(work, md)
+    work = apply_bad_words(work, md)
+    return apply_min_tokens(work, md)
+
+
+def apply_bias_and_penalties(logits: torch.Tensor, md: SamplingMetadata,
+                             kernels: ModuleType | None) -> torch.Tensor:
+    """``apply_logit_bias`` then ``apply_penalties``; one launch of
+    ``kernels.edit`` when the penalties are device counts."""
+    if kernels is not None and not isinstance(md.penalties, PenaltyTensors):
+        kernels.edit(logits, md.logit_bias, md.penalties)
+        return logits
+    return apply_penalties(apply_logit_bias(logits, md), md)
+
+
 def apply_logits_processors(logits: torch.Tensor,
                             md: SamplingMetadata) -> torch.Tensor:
     """Each request's own logits processors, in order, on its row."""
@@ -249,9 +287,8 @@ def apply_logit_bias(logits: torch.Tensor,
     """Add each request's logit_bias to its tokens."""
     if md.logit_bias is None:
         return logits
-    keys, bias = md.logit_bias
     # One launch; each position appears once, so the sum is exact.
-    logits.view(-1).index_add_(0, keys, bias)
+    logits.view(-1).index_add_(0, md.logit_bias.keys, md.logit_bias.values)
     return logits
 
 
@@ -261,8 +298,9 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     (count > 0) with the token's count in the output.
 
     With ``PenaltyCounts`` (``SamplingState`` keeps each sequence's counts
-    on the device), the penalised rows are rewritten whole, in one Triton
-    launch on CUDA. ``PenaltyTensors`` list the tokens seen: only those
+    on the device), the penalised rows are rewritten whole (the kernels do
+    it where they read the logits). ``PenaltyTensors`` list the tokens seen:
+    only those
     [T] positions change, never [N, V]; their output counts come from one
     sort of the output keys and two binary searches (a token seen several
     times is written several times, always with the same value).
@@ -271,10 +309,6 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     if penalties is None:
         return logits
     if isinstance(penalties, PenaltyCounts):
-        kernels = _sampling_kernels(logits)
-        if kernels is not None:
-            kernels.apply_penalties(logits, penalties)
-            return logits
         return _apply_penalty_counts(logits, penalties)
     flat = logits.view(-1)  # [N * V]; keys index it
     # The positions whose logits change: every token seen.
@@ -298,7 +332,8 @@ def _apply_penalty_counts(logits: torch.Tensor,
     rows = penalties.rows
     counts = penalties.counts.index_select(0, penalties.slots)  # [P, V]
     in_output = counts > 0
-    seen = in_output | penalties.in_prompt.index_select(0, penalties.slots)
+    seen = seen_mask(penalties.seen.index_select(0, penalties.slots),
+                     logits.shape[-1])
     values = logits.index_select(0, rows)
     repetition = penalties.repetition[rows].unsqueeze(1)
     values = torch.where(
@@ -325,7 +360,7 @@ def sample(logits: torch.Tensor, md: SamplingMetadata,
     kernels = _sampling_kernels(logits)
     if kernels is not None and md.top_k is None and md.top_p is None:
         # Thresholds and draw in one launch (two passes over the logits).
-        return fused_random_sample(kernels, logits, md), None
+        return fused_random_sample(kernels, logits, md)[0], None
     threshold = None
     if md.top_n_sigma is not None or md.min_p is not None:
         row_max, sigma = _row_max_and_sigma(logits, md, kernels)
@@ -336,7 +371,7 @@ def sample(logits: torch.Tensor, md: SamplingMetadata,
     if (kernels is not None and not draw_candidates
             and cut.long_nucleus is None):
         # One pass over the vocabulary, greedy rows included.
-        return fused_random_sample(kernels, logits, md, cut.threshold), None
+        return fused_random_sample(kernels, logits, md, cut.threshold)[0], None
     # Truncation keeps the argmax, so greedy rows need none of it.
     greedy = None if md.all_random else logits.argmax(dim=-1)
     recheck = None
@@ -657,17 +692,24 @@ def random_sample(
     return score.argmax(dim=-1), log_q
 
 
-def fused_random_sample(kernels: ModuleType,
-                        logits: torch.Tensor,
-                        md: SamplingMetadata,
-                        threshold: torch.Tensor | None = None) -> torch.Tensor:
+def fused_random_sample(
+    kernels: ModuleType,
+    logits: torch.Tensor,
+    md: SamplingMetadata,
+    threshold: torch.Tensor | None = None,
+    edit: bool = False,
+    logprobs: bool = False,
+) -> tuple[torch.Tensor, LogprobsTensors | None]:
     """``random_sample`` (and the greedy rows' argmax) in one launch of
-    ``kernels.sample``. -> [N]
+    ``kernels.sample``. -> [N], and with ``logprobs`` those of ``logits``
+    for ``md.max_num_logprobs`` (None when no row asked).
 
     ``threshold``: the rows' thresholds when top-k/top-p computed them
     (top-nσ's and min_p's included); without it, the kernel computes those
     of top-nσ and min_p itself, with the formulas of
-    ``top_n_sigma_threshold`` and ``min_p_threshold``.
+    ``top_n_sigma_threshold`` and ``min_p_threshold``. With ``edit``, the
+    kernel applies ``md``'s logit_bias and penalties (``PenaltyCounts``)
+    where it reads each logit, as ``apply_bias_and_penalties`` would.
 
     The unseeded rows' noise is made in the kernel, keyed by a seed drawn
     from torch's default CPU generator (no device sync; ``torch.manual_seed``
@@ -681,26 +723,33 @@ def fused_random_sample(kernels: ModuleType,
         seeded_keys = SeededNoise(md, logits, kernels).keys
     seed = int(torch.randint(1 << 32, 1 << 62, ()).item())
     rules_done = threshold is not None
-    return kernels.sample(logits,
-                          temperature,
-                          seed,
-                          threshold=threshold,
-                          top_n_sigma=None if rules_done else md.top_n_sigma,
-                          min_p=None if rules_done else md.min_p,
-                          seeded_keys=seeded_keys,
-                          seeded_index=md.seeded_index)
+    penalties = md.penalties if edit else None
+    assert not isinstance(penalties, PenaltyTensors)
+    sampled, lp = kernels.sample(
+        logits,
+        temperature,
+        seed,
+        threshold=threshold,
+        top_n_sigma=None if rules_done else md.top_n_sigma,
+        min_p=None if rules_done else md.min_p,
+        seeded_keys=seeded_keys,
+        seeded_index=md.seeded_index,
+        bias=md.logit_bias if edit else None,
+        penalties=penalties,
+        num_logprobs=md.max_num_logprobs if logprobs else None)
+    return sampled, None if lp is None else LogprobsTensors(*lp)
 
 
 class SeededNoise:
     """The noise log q of a step's seeded rows (``md.seeded_rows``), at any
-    token ids, drawn by each row's own generator: its tokens then do not
-    depend on the rest of the batch, whichever way the row is drawn.
+    token ids, from each row's own seed: its tokens then do not depend on
+    the rest of the batch, whichever way the row is drawn.
 
-    With the Triton kernels, the generator draws one Philox key per step
-    (``keys`` [S] int64; from a host generator, no device work) and the
-    noise of token t is a function of the key and t, made where it is
-    used. Without them, it draws q over the whole vocabulary (``full``
-    [S, V]), as ``random_sample`` does.
+    With the Triton kernels, the noise of token t is a function of the
+    row's Philox key for the step (``md.seeded_keys``, made on the host
+    with the metadata) and t, made where it is used. Without them, each
+    row's generator draws q over the whole vocabulary (``full`` [S, V]), as
+    ``random_sample`` does.
     """
 
     def __init__(self, md: SamplingMetadata, like: torch.Tensor,
@@ -710,21 +759,11 @@ class SeededNoise:
         self._kernels = kernels
         self.keys: torch.Tensor | None = None
         self.full: torch.Tensor | None = None
-        generators = md.generators.values()
         if kernels is not None:
-            keys = [
-                torch.randint(1 << 62, (1, ), generator=g, device=g.device)
-                for g in generators
-            ]
-            if any(k.device != keys[0].device for k in keys):
-                keys = [k.to(like.device) for k in keys]
-            drawn = torch.cat(keys)
-            if drawn.device.type == "cpu" and like.device.type == "cuda":
-                # From pinned memory: a copy from pageable memory would
-                # wait for the device.
-                drawn = drawn.pin_memory()
-            self.keys = drawn.to(like.device, non_blocking=True)
+            assert md.seeded_keys is not None
+            self.keys = md.seeded_keys
         else:
+            generators = md.generators.values()
             full = like.new_empty(len(generators), like.shape[-1])
             for i, generator in enumerate(generators):
                 _exponential_(full[i], generator)
@@ -848,16 +887,14 @@ def compute_topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
 
 def _topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
                    k: int) -> LogprobsTensors:
-    token_ids = token_ids.to(torch.int64).unsqueeze(1)  # [M, 1]
     kernels = _sampling_kernels(logits)
-    if kernels is None:
-        logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)  # [M, V]
-        selected = logprobs.gather(dim=-1, index=token_ids)  # [M, 1]
-        ranks = (logprobs > selected).sum(dim=-1) + 1  # [M]
-        top_logprobs, top_ids = logprobs.topk(k, dim=-1)  # [M, k]
-    else:
-        selected, ranks, top_logprobs, top_ids = kernels.topk_logprobs(
-            logits, token_ids, k)
+    if kernels is not None:
+        return LogprobsTensors(*kernels.topk_logprobs(logits, token_ids, k))
+    token_ids = token_ids.to(torch.int64).unsqueeze(1)  # [M, 1]
+    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)  # [M, V]
+    selected = logprobs.gather(dim=-1, index=token_ids)  # [M, 1]
+    ranks = (logprobs > selected).sum(dim=-1) + 1  # [M]
+    top_logprobs, top_ids = logprobs.topk(k, dim=-1)  # [M, k]
     return LogprobsTensors(
         logprob_token_ids=torch.cat([token_ids, top_ids], dim=1),
         logprobs=torch.cat([selected, top_logprobs], dim=1),

@@ -1,26 +1,32 @@
 """Triton kernels for the sampler's passes over the whole vocabulary.
 
-Each reads a [N, V] tensor (any float dtype, computed in float32; columns
-contiguous, rows at any stride), one program per row, in tiles of
-``_TILE`` columns (the next tile's load is issued before the current one is
-used, to keep enough bytes in flight):
+They read [N, V] logits (any float dtype, computed in float32; columns
+contiguous, rows at any stride) in tiles of ``_TILE`` columns (the next
+tile's load is issued before the current one is used, to keep bytes in
+flight). A sampling step is three launches, the first two over (row, chunk
+of ``_CHUNK_TILES`` tiles) so that every SM has work:
 
-- ``sample``: the whole-vocabulary draw of ``sampler.random_sample``, with
-  the thresholds of ``sampler.top_n_sigma_threshold`` and
-  ``sampler.min_p_threshold`` computed in the same launch (a first pass for
-  each row's max and σ), the greedy rows' argmax, and Gumbel noise made in
-  the kernel (Philox). A seeded row's noise is keyed by a key its own
-  generator drew for the step, and depends only on that key and the token
-  id (``seeded_log_q`` gives the same noise at any token ids).
-- ``row_stats``: each row's max and σ (for the thresholds that top-k/top-p
-  refine), in one pass.
-- ``apply_penalties``: ``sampler.apply_penalties`` with the counts that
-  ``SamplingState`` keeps on the device, on the penalised rows of the
-  float32 logits, in place (a grid over rows and column blocks).
-- ``topk_logprobs``: logprobs without log_softmax over [N, V]: one pass for
-  each row's logsumexp, the rank of a given token and the maximum of each
-  segment of ``_SEGMENT`` columns, which narrows the top-k search to a few
-  segments.
+- ``_stats_kernel``: each logit is edited where it is read (``_edit``:
+  logit_bias, then the repetition, frequency and presence penalties from the
+  token counts that ``SamplingState`` keeps on the device); per chunk, the
+  max, count, sum and sum of squares of the edited logits (each row's max
+  and σ: top-nσ and min_p thresholds) and, for logprobs, the max and
+  sum(exp) of the raw ones and the maximum of each segment of ``_SEGMENT``
+  raw logits.
+- ``_draw_kernel``: each chunk's best score x - T log q over the kept
+  (edited) logits, with Gumbel noise made in the kernel (Philox); greedy
+  rows take the argmax. A seeded row's noise is keyed by its step's key and
+  depends only on that key and the token id (``seeded_log_q`` gives the
+  same noise at any token ids).
+- ``_finish_kernel``: per row, the best chunk's token, then its logprob and
+  rank and the top-k logprobs, read from the few segments whose maxima say
+  they matter.
+
+``sample`` runs them; ``topk_logprobs`` runs the first and the last for
+given tokens. Also: ``edit`` (the same edits in place on a float32 copy,
+for the top-k/top-p path, which sorts with torch), ``row_stats`` (each
+row's max and σ) and ``mark_tokens`` (``SamplingState``'s counts and seen
+bits).
 
 Import it only where triton is installed (``ops.get_sampling_kernels``).
 """
@@ -31,15 +37,26 @@ import triton
 import triton.language as tl
 
 if TYPE_CHECKING:
-    from vllm.model_executor.sampling_metadata import PenaltyCounts
+    from vllm.model_executor.sampling_metadata import LogitBias, PenaltyCounts
 
-# Columns a program reads per step (16 per thread with 8 warps), seen as
-# [_TILE // _SEGMENT, _SEGMENT] by the passes that reduce segments.
-_TILE = 4096
+# Columns a program reads per step (16 per thread with 4 warps), seen as
+# [_TILE // _SEGMENT, _SEGMENT] where segments are reduced.
+_TILE = 2048
 _SEGMENT = 128
-_NUM_WARPS = 8
+_NUM_WARPS = 4
+# Tiles of one (row, chunk) program: 16,384 columns, about 10 programs per
+# row of a 150k vocabulary.
+_CHUNK_TILES = 8
 # Philox gives 4 random numbers per call: one call per 4 columns.
 _COUNTERS = _TILE // 4
+# Segments that the count of larger logits looks at per step.
+_SEGMENT_BLOCK = 32
+# Past this k, top-k logprobs come from torch.topk: the segments holding
+# them would cover most of the row.
+_MAX_KERNEL_TOP_K = 64
+# Per (row, chunk) statistics: edited max, finite count, sum and sum of
+# squares (shifted by the row's first logit), raw max, raw sum(exp(x - max)).
+_NUM_STATS = 6
 
 
 def _columns_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -55,39 +72,251 @@ def _load(x_row, cols, vocab_size):
 
 
 @triton.jit
-def _max_and_sigma(x_row, vocab_size, SIGMA: tl.constexpr, TILE: tl.constexpr):
-    """A row's max and the population standard deviation σ of its finite
-    logits (0.0 without ``SIGMA``), in one pass."""
-    cols = tl.arange(0, TILE)
+def _edit_params(row, bias_starts_ptr, row_slots_ptr, presence_ptr,
+                 frequency_ptr, repetition_ptr, HAS_BIAS: tl.constexpr,
+                 HAS_PENALTIES: tl.constexpr):
+    """Row ``row``'s range of bias entries, its slot of the counts (-1: no
+    penalties) and its presence, frequency and repetition penalties."""
+    # Tensors even without bias: they are carried through the tile loops.
+    bias_lo = row.to(tl.int64) * 0
+    bias_hi = bias_lo
+    if HAS_BIAS:
+        bias_lo = tl.load(bias_starts_ptr + row)
+        bias_hi = tl.load(bias_starts_ptr + row + 1)
+    slot = -1
+    presence = 0.0
+    frequency = 0.0
+    repetition = 1.0
+    if HAS_PENALTIES:
+        slot = tl.load(row_slots_ptr + row)
+        presence = tl.load(presence_ptr + row)
+        frequency = tl.load(frequency_ptr + row)
+        repetition = tl.load(repetition_ptr + row)
+    return bias_lo, bias_hi, slot, presence, frequency, repetition
+
+
+@triton.jit
+def _bias_column(bias_keys_ptr, entry, bias_hi, row_start):
+    """The column of the row's bias entry ``entry``; past the row's last
+    entry, a column no tile reaches."""
+    return tl.load(bias_keys_ptr + entry, mask=entry < bias_hi,
+                   other=1 << 62) - row_start
+
+
+@triton.jit
+def _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
+                       HAS_BIAS: tl.constexpr):
+    """``_edit``'s ``next_col`` before the first tile."""
+    next_col = bias_lo
+    if HAS_BIAS:
+        next_col = _bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start)
+    return next_col
+
+
+@triton.jit
+def _edit(x, cols, start, row_start, vocab_size, bias_keys_ptr, bias_values_ptr,
+          entry, next_col, bias_hi, slot, seen_ptr, seen_stride, counts_ptr,
+          presence, frequency, repetition, HAS_BIAS: tl.constexpr,
+          HAS_PENALTIES: tl.constexpr, TILE: tl.constexpr):
+    """The logits ``x`` at columns ``cols`` (within [start, start + TILE))
+    after the row's logit_bias and penalties: ``sampler.apply_logit_bias``
+    then ``sampler.apply_penalties``, the same arithmetic. -> the edited
+    logits, and the bias entry (and its column) the next tile starts from.
+
+    The row's bias entries are sorted by column, so a tile looks only at
+    its own: one comparison for a tile without any.
+    """
+    if HAS_BIAS:
+        while next_col < start + TILE:
+            if next_col >= start:
+                x = tl.where(cols == next_col,
+                             x + tl.load(bias_values_ptr + entry), x)
+            entry += 1
+            next_col = _bias_column(bias_keys_ptr, entry, bias_hi, row_start)
+    if HAS_PENALTIES:
+        if slot >= 0:
+            # The seen bits are few bytes; the counts are read only where
+            # a bit is set.
+            words = tl.load(seen_ptr + slot * seen_stride + cols // 32,
+                            mask=cols < vocab_size,
+                            other=0)
+            seen = ((words >> (cols % 32)) & 1) != 0
+            count = tl.load(counts_ptr + slot * vocab_size + cols,
+                            mask=seen,
+                            other=0)
+            in_output = count > 0
+            # IEEE division, as torch's: x / r must round the same way.
+            penalised = tl.where(x > 0, tl.math.div_rn(x, repetition),
+                                 x * repetition)
+            x = tl.where(seen, penalised, x)
+            x = (x - frequency * count.to(tl.float32) -
+                 presence * in_output.to(tl.float32))
+    return x, entry, next_col
+
+
+@triton.jit
+def _stats_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
+                  bias_starts_ptr, row_slots_ptr, seen_ptr, seen_stride,
+                  counts_ptr, presence_ptr, frequency_ptr, repetition_ptr,
+                  stats_ptr, num_chunks, segment_max_ptr, num_segments,
+                  STATS: tl.constexpr, SIGMA: tl.constexpr,
+                  LOGPROBS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_PENALTIES: tl.constexpr, TILE: tl.constexpr,
+                  SEGMENT: tl.constexpr, CHUNK_TILES: tl.constexpr):
+    """One chunk of a row: with ``STATS``, the max of the edited logits and
+    (``SIGMA``) the count, sum and sum of squares of the finite ones; with
+    ``LOGPROBS``, the raw logits' max and sum(exp(x - max)), and each
+    segment's max at ``segment_max_ptr``."""
+    ROWS: tl.constexpr = TILE // SEGMENT
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    x_row = x_ptr + row.to(tl.int64) * row_stride
+    chunk_start = chunk * (CHUNK_TILES * TILE)
+    end = tl.minimum(vocab_size, chunk_start + CHUNK_TILES * TILE)
+    bias_lo, bias_hi, slot, presence, frequency, repetition = _edit_params(
+        row, bias_starts_ptr, row_slots_ptr, presence_ptr, frequency_ptr,
+        repetition_ptr, HAS_BIAS, HAS_PENALTIES)
+    # A tile as [ROWS, SEGMENT]: segment r of the tile is its row r.
+    cols = (tl.arange(0, ROWS)[:, None] * SEGMENT +
+            tl.arange(0, SEGMENT)[None, :])
     # Sums of x - shift, with the row's first logit as the shift: a logit
     # lies within a few σ of the mean, so E[d²] - E[d]² cancels little.
     first = tl.load(x_row).to(tl.float32)
     shift = tl.where(tl.abs(first) < float("inf"), first, 0.0)
-    row_max = tl.full([TILE], float("-inf"), tl.float32)
-    count = tl.zeros([TILE], tl.float32)
-    total = tl.zeros([TILE], tl.float32)
-    squares = tl.zeros([TILE], tl.float32)
-    x_next = _load(x_row, cols, vocab_size)
-    for start in range(0, vocab_size, TILE):
-        x = x_next
-        x_next = _load(x_row, start + TILE + cols, vocab_size)
-        row_max = tl.maximum(row_max, x)
-        if SIGMA:
-            finite = tl.abs(x) < float("inf")
-            d = tl.where(finite, x - shift, 0.0)
-            count += finite.to(tl.float32)
-            total += d
-            squares += d * d
-    sigma = 0.0
-    if SIGMA:
-        n = tl.sum(count, axis=0)
-        mean = tl.sum(total, axis=0) / n
-        variance = tl.maximum(tl.sum(squares, axis=0) / n - mean * mean, 0.0)
-        sigma = tl.sqrt(variance)
-    return tl.max(row_max, axis=0), sigma
+    edited_max = tl.full([ROWS, SEGMENT], float("-inf"), tl.float32)
+    count = tl.zeros([ROWS, SEGMENT], tl.float32)
+    total = tl.zeros([ROWS, SEGMENT], tl.float32)
+    squares = tl.zeros([ROWS, SEGMENT], tl.float32)
+    raw_max = tl.full([ROWS, SEGMENT], float("-inf"), tl.float32)
+    sum_exp = tl.zeros([ROWS, SEGMENT], tl.float32)
+    row_start = row.to(tl.int64) * vocab_size
+    entry = bias_lo
+    next_col = _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
+                                  HAS_BIAS)
+    x_next = _load(x_row, chunk_start + cols, end)
+    for tile in range(CHUNK_TILES):
+        start = chunk_start + tile * TILE
+        raw = x_next
+        x_next = _load(x_row, start + TILE + cols, end)
+        if LOGPROBS:
+            new_max = tl.maximum(raw_max, raw)
+            # A lane still at -inf holds 0 (not exp(-inf - -inf) = NaN).
+            sum_exp = tl.where(
+                new_max == float("-inf"), 0.0,
+                sum_exp * tl.exp(raw_max - new_max) + tl.exp(raw - new_max))
+            raw_max = new_max
+            segments = start // SEGMENT + tl.arange(0, ROWS)
+            tl.store(segment_max_ptr + row.to(tl.int64) * num_segments +
+                     segments,
+                     tl.max(raw, axis=1),
+                     mask=segments < num_segments)
+        if STATS:
+            x, entry, next_col = _edit(
+                raw, start + cols, start, row_start, vocab_size, bias_keys_ptr,
+                bias_values_ptr, entry, next_col, bias_hi, slot, seen_ptr,
+                seen_stride, counts_ptr, presence, frequency, repetition,
+                HAS_BIAS, HAS_PENALTIES, TILE)
+            edited_max = tl.maximum(edited_max, x)
+            if SIGMA:
+                finite = tl.abs(x) < float("inf")
+                d = tl.where(finite, x - shift, 0.0)
+                count += finite.to(tl.float32)
+                total += d
+                squares += d * d
+    out = stats_ptr + (row.to(tl.int64) * num_chunks + chunk) * 6
+    tl.store(out, tl.max(tl.max(edited_max, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(count, axis=1), axis=0))
+    tl.store(out + 2, tl.sum(tl.sum(total, axis=1), axis=0))
+    tl.store(out + 3, tl.sum(tl.sum(squares, axis=1), axis=0))
+    chunk_max = tl.max(tl.max(raw_max, axis=1), axis=0)
+    scale = tl.where(raw_max == float("-inf"), 0.0, tl.exp(raw_max - chunk_max))
+    tl.store(out + 4, chunk_max)
+    tl.store(out + 5, tl.sum(tl.sum(sum_exp * scale, axis=1), axis=0))
 
 
-# ------------------------------------------------------------------ sample
+@triton.jit
+def _row_stats_of(stats_ptr, row, num_chunks, CHUNKS_POW2: tl.constexpr):
+    """A row's edited max and σ, and raw max and log(sum(exp(x - max))),
+    from its chunks' statistics."""
+    chunks = tl.arange(0, CHUNKS_POW2)
+    mask = chunks < num_chunks
+    at = stats_ptr + (row.to(tl.int64) * num_chunks + chunks) * 6
+    edited_max = tl.max(tl.load(at, mask=mask, other=float("-inf")), axis=0)
+    n = tl.sum(tl.load(at + 1, mask=mask, other=0.0), axis=0)
+    mean = tl.sum(tl.load(at + 2, mask=mask, other=0.0), axis=0) / n
+    variance = tl.maximum(
+        tl.sum(tl.load(at + 3, mask=mask, other=0.0), axis=0) / n - mean * mean,
+        0.0)
+    chunk_max = tl.load(at + 4, mask=mask, other=float("-inf"))
+    raw_max = tl.max(chunk_max, axis=0)
+    scale = tl.where(chunk_max == float("-inf"), 0.0,
+                     tl.exp(chunk_max - raw_max))
+    sum_exp = tl.sum(tl.load(at + 5, mask=mask, other=0.0) * scale, axis=0)
+    return edited_max, tl.sqrt(variance), raw_max, tl.log(sum_exp)
+
+
+@triton.jit
+def _count_above(x_row, vocab_size, segment_max_row, num_segments, value,
+                 SEGMENT: tl.constexpr, BLOCK: tl.constexpr):
+    """How many logits of the row are > ``value``, reading only the
+    segments whose max is (the next block's maxima load while this one's
+    logits do)."""
+    block = tl.arange(0, BLOCK)
+    block_cols = block[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
+    above = tl.zeros([BLOCK, SEGMENT], tl.int32)
+    max_next = tl.load(segment_max_row + block,
+                       mask=block < num_segments,
+                       other=float("-inf"))
+    for first in range(0, num_segments, BLOCK):
+        segment_max = max_next
+        after = first + BLOCK + block
+        max_next = tl.load(segment_max_row + after,
+                           mask=after < num_segments,
+                           other=float("-inf"))
+        cols = first * SEGMENT + block_cols
+        # Masked-off lanes read nothing: most segments cost 4 bytes.
+        look = (segment_max > value)[:, None] & (cols < vocab_size)
+        x = tl.load(x_row + cols, mask=look, other=float("-inf")).to(tl.float32)
+        above += (x > value).to(tl.int32)
+    return tl.sum(tl.sum(above, axis=1), axis=0)
+
+
+@triton.jit
+def _top_k(x_row, vocab_size, segment_max_row, num_segments, k, row_max,
+           log_sum, ids_out, logprobs_out, SEGMENT: tl.constexpr,
+           NUM_SEGMENTS_POW2: tl.constexpr, K_POW2: tl.constexpr):
+    """The ``k`` largest logits of the row, most likely first: their ids at
+    ``ids_out`` and log probabilities at ``logprobs_out``. They lie in the
+    k segments with the largest maxima (up to ties), so only those are
+    read."""
+    segments = tl.arange(0, NUM_SEGMENTS_POW2)
+    segment_max = tl.load(segment_max_row + segments,
+                          mask=segments < num_segments,
+                          other=float("-inf"))
+    free = segments < num_segments
+    slots = tl.arange(0, K_POW2)
+    picked = tl.full([K_POW2], -1, tl.int32)
+    for i in range(k):
+        top = tl.max(tl.where(free, segment_max, float("-inf")), axis=0)
+        best = tl.min(tl.where(free & (segment_max == top), segments,
+                               NUM_SEGMENTS_POW2),
+                      axis=0)
+        picked = tl.where(slots == i, best, picked)
+        free = free & (segments != best)
+    cols = picked[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
+    valid = (picked[:, None] >= 0) & (cols < vocab_size)
+    x = tl.load(x_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
+    for i in range(k):
+        top = tl.max(tl.max(tl.where(valid, x, float("-inf")), axis=1), axis=0)
+        col = tl.min(tl.min(tl.where(valid & (x == top), cols, vocab_size),
+                            axis=1),
+                     axis=0)
+        tl.store(ids_out + i, col.to(tl.int64))
+        # Rounded as log_softmax is: (x - max) - log(sum(exp(x - max))).
+        tl.store(logprobs_out + i, (top - row_max) - log_sum)
+        valid = valid & (cols != col)
+
+
 @triton.jit
 def _log_q(r0, r1, r2, r3, TILE: tl.constexpr):
     """log q, q ~ Exp(1), from Philox's four outputs for TILE // 4
@@ -98,23 +327,37 @@ def _log_q(r0, r1, r2, r3, TILE: tl.constexpr):
     return tl.log(-tl.log(u))
 
 
+# ------------------------------------------------------------------ sample
 @triton.jit(do_not_specialize=["seed"])
-def _sample_kernel(x_ptr, row_stride, vocab_size, temperature_ptr,
-                   threshold_ptr, top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr,
-                   seeded_index_ptr, seed, out_ptr, HAS_THRESHOLD: tl.constexpr,
-                   TOP_N_SIGMA: tl.constexpr, MIN_P: tl.constexpr,
-                   HAS_SEEDED: tl.constexpr, TILE: tl.constexpr,
-                   COUNTERS: tl.constexpr):
+def _draw_kernel(
+        x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
+        top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr, seeded_index_ptr, seed,
+        bias_keys_ptr, bias_values_ptr, bias_starts_ptr, row_slots_ptr,
+        seen_ptr, seen_stride, counts_ptr, presence_ptr, frequency_ptr,
+        repetition_ptr, stats_ptr, num_chunks, best_ptr, best_col_ptr,
+        HAS_THRESHOLD: tl.constexpr, TOP_N_SIGMA: tl.constexpr,
+        MIN_P: tl.constexpr, HAS_SEEDED: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_PENALTIES: tl.constexpr, TILE: tl.constexpr, COUNTERS: tl.constexpr,
+        CHUNK_TILES: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+    """One chunk of a row: the best score x - T log q over its kept edited
+    logits, and its column (the first of equal ones)."""
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
     x_row = x_ptr + row.to(tl.int64) * row_stride
+    chunk_start = chunk * (CHUNK_TILES * TILE)
+    end = tl.minimum(vocab_size, chunk_start + CHUNK_TILES * TILE)
     temperature = tl.load(temperature_ptr + row)
+    bias_lo, bias_hi, slot, presence, frequency, repetition = _edit_params(
+        row, bias_starts_ptr, row_slots_ptr, presence_ptr, frequency_ptr,
+        repetition_ptr, HAS_BIAS, HAS_PENALTIES)
 
     # The smallest logit the row keeps (sampler.py's rules, same formulas).
     threshold = float("-inf")
     if HAS_THRESHOLD:
         threshold = tl.load(threshold_ptr + row)
     if TOP_N_SIGMA or MIN_P:
-        row_max, sigma = _max_and_sigma(x_row, vocab_size, TOP_N_SIGMA, TILE)
+        row_max, sigma, _, _ = _row_stats_of(stats_ptr, row, num_chunks,
+                                             CHUNKS_POW2)
         if TOP_N_SIGMA:
             n = tl.load(top_n_sigma_ptr + row)  # 0.0 is off
             threshold = tl.maximum(
@@ -143,39 +386,239 @@ def _sample_kernel(x_ptr, row_stride, vocab_size, temperature_ptr,
     cols = tl.arange(0, TILE)
     # Per lane: the best score so far and its column.
     best = tl.full([TILE], float("-inf"), tl.float32)
-    best_col = tl.zeros([TILE], tl.int32)
-    x_next = _load(x_row, cols, vocab_size)
-    for start in range(0, vocab_size, TILE):
+    best_col = tl.zeros([TILE], tl.int32) + chunk_start
+    row_start = row.to(tl.int64) * vocab_size
+    entry = bias_lo
+    next_col = _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
+                                  HAS_BIAS)
+    x_next = _load(x_row, chunk_start + cols, end)
+    for tile in range(CHUNK_TILES):
+        start = chunk_start + tile * TILE
         x = x_next
-        x_next = _load(x_row, start + TILE + cols, vocab_size)
+        x_next = _load(x_row, start + TILE + cols, end)
+        x, entry, next_col = _edit(x, start + cols, start, row_start,
+                                   vocab_size, bias_keys_ptr, bias_values_ptr,
+                                   entry, next_col, bias_hi, slot, seen_ptr,
+                                   seen_stride, counts_ptr, presence, frequency,
+                                   repetition, HAS_BIAS, HAS_PENALTIES, TILE)
         x = tl.where(x >= threshold, x, float("-inf"))
         # Truncated rows keep few logits: skip the noise of tiles without.
         if tl.max(x, axis=0) > float("-inf"):
-            r0, r1, r2, r3 = tl.randint4x(
-                key, row_counter + (start // TILE) * COUNTERS)
-            log_q = _log_q(r0, r1, r2, r3, TILE)
-            # Greedy rows (T = 0) take the argmax; -inf logits stay -inf.
-            score = tl.where(temperature > 0.0, x - temperature * log_q, x)
+            score = x  # greedy rows (T = 0) take the argmax
+            if temperature > 0.0:
+                r0, r1, r2, r3 = tl.randint4x(
+                    key, row_counter + (start // TILE) * COUNTERS)
+                # -inf logits stay -inf.
+                score = x - temperature * _log_q(r0, r1, r2, r3, TILE)
             better = score > best  # strictly: the first of equal ones wins
             best = tl.where(better, score, best)
             best_col = tl.where(better, start + cols, best_col)
     top = tl.max(best, axis=0)
-    # The first column of the best score (column 0 if all are -inf).
-    col = tl.min(tl.where(best == top, best_col, vocab_size), axis=0)
-    tl.store(out_ptr + row, col.to(tl.int64))
+    at = row.to(tl.int64) * num_chunks + chunk
+    tl.store(best_ptr + at, top)
+    tl.store(best_col_ptr + at,
+             tl.min(tl.where(best == top, best_col, vocab_size), axis=0))
 
 
-def sample(x: torch.Tensor,
-           temperature: torch.Tensor,
-           seed: int,
-           threshold: torch.Tensor | None = None,
-           top_n_sigma: torch.Tensor | None = None,
-           min_p: torch.Tensor | None = None,
-           seeded_keys: torch.Tensor | None = None,
-           seeded_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row of ``x`` [N, V], the argmax of x - T log q over the logits at
-    or above the row's threshold, q ~ Exp(1): a draw from softmax(x / T)
-    over them. -> token ids [N] int64
+@triton.jit(do_not_specialize=["k"])
+def _finish_kernel(x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
+                   token_ptr, stats_ptr, num_chunks, segment_max_ptr,
+                   num_segments, k, lp_ids_ptr, lp_values_ptr, lp_stride,
+                   ranks_ptr, lp_stats_ptr, DRAWN: tl.constexpr,
+                   LOGPROBS: tl.constexpr, TOP_K: tl.constexpr,
+                   SEGMENT: tl.constexpr, SEGMENT_BLOCK: tl.constexpr,
+                   NUM_SEGMENTS_POW2: tl.constexpr, K_POW2: tl.constexpr,
+                   CHUNKS_POW2: tl.constexpr):
+    """Per row: with ``DRAWN``, the token of the best chunk's score (the
+    first column of equal ones) into ``token_ptr``, else the token given
+    there; with ``LOGPROBS``, its log probability and rank in column 0 of
+    the logprobs, the top ``k`` (with ``TOP_K``) after it, and the row's
+    raw max and log-sum (for a top-k computed elsewhere)."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * row_stride
+    if DRAWN:
+        chunks = tl.arange(0, CHUNKS_POW2)
+        at = row.to(tl.int64) * num_chunks + chunks
+        scores = tl.load(best_ptr + at,
+                         mask=chunks < num_chunks,
+                         other=float("-inf"))
+        chunk_cols = tl.load(best_col_ptr + at,
+                             mask=chunks < num_chunks,
+                             other=vocab_size)
+        top = tl.max(scores, axis=0)
+        col = tl.min(tl.where(scores == top, chunk_cols, vocab_size), axis=0)
+        col = tl.where(col < vocab_size, col, 0)  # a row of -inf: column 0
+        tl.store(token_ptr + row, col.to(tl.int64))
+    else:
+        col = tl.load(token_ptr + row)
+    if LOGPROBS:
+        _, _, raw_max, log_sum = _row_stats_of(stats_ptr, row, num_chunks,
+                                               CHUNKS_POW2)
+        segment_max_row = segment_max_ptr + row.to(tl.int64) * num_segments
+        chosen = tl.load(x_row + col).to(tl.float32)
+        above = _count_above(x_row, vocab_size, segment_max_row, num_segments,
+                             chosen, SEGMENT, SEGMENT_BLOCK)
+        ids_out = lp_ids_ptr + row.to(tl.int64) * lp_stride
+        logprobs_out = lp_values_ptr + row.to(tl.int64) * lp_stride
+        tl.store(ids_out, col.to(tl.int64))
+        # Rounded as log_softmax is: (x - max) - log(sum(exp(x - max))).
+        tl.store(logprobs_out, (chosen - raw_max) - log_sum)
+        tl.store(ranks_ptr + row, above.to(tl.int64) + 1)
+        tl.store(lp_stats_ptr + 2 * row, raw_max)
+        tl.store(lp_stats_ptr + 2 * row + 1, log_sum)
+        if TOP_K:
+            _top_k(x_row, vocab_size, segment_max_row, num_segments, k, raw_max,
+                   log_sum, ids_out + 1, logprobs_out + 1, SEGMENT,
+                   NUM_SEGMENTS_POW2, K_POW2)
+
+
+def _edit_args(bias: "LogitBias | None",
+               penalties: "PenaltyCounts | None") -> list:
+    """The kernels' edit arguments, from bias_keys to repetition."""
+    args: list = [None] * 3 if bias is None else [
+        bias.keys, bias.values, bias.row_starts
+    ]
+    if penalties is None:
+        return args + [None, None, 0, None, None, None, None]
+    seen = penalties.seen
+    return args + [
+        penalties.row_slots, seen,
+        seen.stride(0), penalties.counts, penalties.presence,
+        penalties.frequency, penalties.repetition
+    ]
+
+
+def _num_segments(vocab_size: int) -> int:
+    return triton.cdiv(vocab_size, _SEGMENT)
+
+
+def _logprobs_outputs(num_rows: int, k: int,
+                      device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Empty logprobs outputs: ids [N, k+1] int64, log probabilities
+    [N, k+1] float32, ranks [N] int64, and each row's raw max and log-sum
+    [N, 2] float32."""
+    return (torch.empty(num_rows, k + 1, dtype=torch.int64, device=device),
+            torch.empty(num_rows, k + 1, dtype=torch.float32, device=device),
+            torch.empty(num_rows, dtype=torch.int64, device=device),
+            torch.empty(num_rows, 2, dtype=torch.float32, device=device))
+
+
+def _top_k_with_torch(x: torch.Tensor, k: int, outputs: tuple[torch.Tensor,
+                                                              ...]) -> None:
+    """Columns 1..k of the logprobs outputs from torch.topk (large k)."""
+    ids, logprobs, _, stats = outputs
+    values, top_ids = x.topk(k, dim=-1)
+    ids[:, 1:] = top_ids
+    logprobs[:, 1:] = ((values.float() - stats[:, :1]) - stats[:, 1:])
+
+
+def _num_chunks(vocab_size: int) -> int:
+    return triton.cdiv(vocab_size, _CHUNK_TILES * _TILE)
+
+
+def _stats(x: torch.Tensor, bias: "LogitBias | None",
+           penalties: "PenaltyCounts | None", stats: bool, sigma: bool,
+           logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch ``_stats_kernel`` on ``x`` (columns contiguous). -> the
+    per-chunk statistics [N, chunks, _NUM_STATS] and, with ``logprobs``,
+    the segment maxima [N, segments]."""
+    num_rows, vocab_size = x.shape
+    num_chunks = _num_chunks(vocab_size)
+    num_segments = _num_segments(vocab_size)
+    out = torch.empty(num_rows,
+                      num_chunks,
+                      _NUM_STATS,
+                      dtype=torch.float32,
+                      device=x.device)
+    segment_max = None
+    if logprobs:
+        segment_max = torch.empty(num_rows,
+                                  num_segments,
+                                  dtype=torch.float32,
+                                  device=x.device)
+    _stats_kernel[(num_rows, num_chunks)](x,
+                                          x.stride(0),
+                                          vocab_size,
+                                          *_edit_args(bias, penalties),
+                                          out,
+                                          num_chunks,
+                                          segment_max,
+                                          num_segments,
+                                          STATS=stats,
+                                          SIGMA=sigma,
+                                          LOGPROBS=logprobs,
+                                          HAS_BIAS=bias is not None,
+                                          HAS_PENALTIES=penalties is not None,
+                                          TILE=_TILE,
+                                          SEGMENT=_SEGMENT,
+                                          CHUNK_TILES=_CHUNK_TILES,
+                                          num_warps=_NUM_WARPS)
+    return out, segment_max
+
+
+def _finish(x: torch.Tensor, tokens: torch.Tensor,
+            best: tuple[torch.Tensor, torch.Tensor] | None,
+            stats: torch.Tensor | None, segment_max: torch.Tensor | None,
+            num_logprobs: int | None) -> tuple[torch.Tensor, ...] | None:
+    """Launch ``_finish_kernel``: the drawn ``tokens`` from ``best`` (or
+    ``tokens`` given) and their logprobs. -> the logprobs outputs (see
+    ``_logprobs_outputs``), None without ``num_logprobs``."""
+    num_rows, vocab_size = x.shape
+    k = num_logprobs or 0
+    top_k_here = 0 < k <= _MAX_KERNEL_TOP_K
+    outputs = None
+    if num_logprobs is not None:
+        outputs = _logprobs_outputs(num_rows, k, x.device)
+    num_segments = _num_segments(vocab_size)
+    num_chunks = _num_chunks(vocab_size)
+    _finish_kernel[(num_rows, )](
+        x,
+        x.stride(0),
+        vocab_size,
+        *(best or (None, None)),
+        tokens,
+        stats,
+        num_chunks,
+        segment_max,
+        num_segments,
+        k,
+        *(outputs[:2] if outputs else (None, None)),
+        k + 1,
+        *(outputs[2:] if outputs else (None, None)),
+        DRAWN=best is not None,
+        LOGPROBS=outputs is not None,
+        TOP_K=top_k_here,
+        SEGMENT=_SEGMENT,
+        SEGMENT_BLOCK=_SEGMENT_BLOCK,
+        NUM_SEGMENTS_POW2=triton.next_power_of_2(num_segments),
+        K_POW2=triton.next_power_of_2(max(k, 1)),
+        CHUNKS_POW2=triton.next_power_of_2(num_chunks),
+        num_warps=_NUM_WARPS)
+    if outputs is not None and k and not top_k_here:
+        _top_k_with_torch(x, k, outputs)
+    return outputs
+
+
+def sample(
+    x: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: int,
+    threshold: torch.Tensor | None = None,
+    top_n_sigma: torch.Tensor | None = None,
+    min_p: torch.Tensor | None = None,
+    seeded_keys: torch.Tensor | None = None,
+    seeded_index: torch.Tensor | None = None,
+    bias: "LogitBias | None" = None,
+    penalties: "PenaltyCounts | None" = None,
+    num_logprobs: int | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+           | None]:
+    """Per row of ``x`` [N, V], after ``bias`` and ``penalties``, the argmax
+    of x - T log q over the logits at or above the row's threshold, q ~
+    Exp(1): a draw from softmax(x / T) over them. -> token ids [N] int64,
+    and with ``num_logprobs`` = k the logprobs of the raw ``x``: ids
+    [N, k+1] (the sampled token, then the top k), their log probabilities
+    [N, k+1] float32 and the sampled tokens' ranks [N].
 
     ``temperature`` [N] float32; 0 takes the argmax (greedy rows). The
     threshold is the largest of ``threshold`` [N], top-nσ's (``top_n_sigma``
@@ -186,27 +629,55 @@ def sample(x: torch.Tensor,
     """
     x = _columns_contiguous(x)
     num_rows, vocab_size = x.shape
-    out = torch.empty(num_rows, dtype=torch.int64, device=x.device)
     assert (seeded_keys is None) == (seeded_index is None)
-    _sample_kernel[(num_rows, )](x,
-                                 x.stride(0),
-                                 vocab_size,
-                                 temperature,
-                                 threshold,
-                                 top_n_sigma,
-                                 min_p,
-                                 seeded_keys,
-                                 seeded_index,
-                                 seed,
-                                 out,
-                                 HAS_THRESHOLD=threshold is not None,
-                                 TOP_N_SIGMA=top_n_sigma is not None,
-                                 MIN_P=min_p is not None,
-                                 HAS_SEEDED=seeded_keys is not None,
-                                 TILE=_TILE,
-                                 COUNTERS=_COUNTERS,
-                                 num_warps=_NUM_WARPS)
-    return out
+    rules = top_n_sigma is not None or min_p is not None
+    logprobs = num_logprobs is not None
+    stats = segment_max = None
+    if rules or logprobs:
+        stats, segment_max = _stats(x, bias, penalties, rules, top_n_sigma
+                                    is not None, logprobs)
+    num_chunks = _num_chunks(vocab_size)
+    best = torch.empty(num_rows,
+                       num_chunks,
+                       dtype=torch.float32,
+                       device=x.device)
+    best_col = torch.empty(num_rows,
+                           num_chunks,
+                           dtype=torch.int32,
+                           device=x.device)
+    _draw_kernel[(num_rows,
+                  num_chunks)](x,
+                               x.stride(0),
+                               vocab_size,
+                               temperature,
+                               threshold,
+                               top_n_sigma,
+                               min_p,
+                               seeded_keys,
+                               seeded_index,
+                               seed,
+                               *_edit_args(bias, penalties),
+                               stats,
+                               num_chunks,
+                               best,
+                               best_col,
+                               HAS_THRESHOLD=threshold is not None,
+                               TOP_N_SIGMA=top_n_sigma is not None,
+                               MIN_P=min_p is not None,
+                               HAS_SEEDED=seeded_keys is not None,
+                               HAS_BIAS=bias is not None,
+                               HAS_PENALTIES=penalties is not None,
+                               TILE=_TILE,
+                               COUNTERS=_COUNTERS,
+                               CHUNK_TILES=_CHUNK_TILES,
+                               CHUNKS_POW2=triton.next_power_of_2(num_chunks),
+                               num_warps=_NUM_WARPS)
+    tokens = torch.empty(num_rows, dtype=torch.int64, device=x.device)
+    outputs = _finish(x, tokens, (best, best_col), stats, segment_max,
+                      num_logprobs)
+    if outputs is None:
+        return tokens, None
+    return tokens, (outputs[0], outputs[1], outputs[2])
 
 
 # ------------------------------------------------------------ seeded_log_q
@@ -249,13 +720,63 @@ def seeded_log_q(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# -------------------------------------------------------------------- edit
+@triton.jit
+def _edit_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
+                 bias_starts_ptr, row_slots_ptr, seen_ptr, seen_stride,
+                 counts_ptr, presence_ptr, frequency_ptr, repetition_ptr,
+                 HAS_BIAS: tl.constexpr, HAS_PENALTIES: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    start = tl.program_id(1) * BLOCK
+    bias_lo, bias_hi, slot, presence, frequency, repetition = _edit_params(
+        row, bias_starts_ptr, row_slots_ptr, presence_ptr, frequency_ptr,
+        repetition_ptr, HAS_BIAS, HAS_PENALTIES)
+    # Rows without edits read and write nothing.
+    edited = (bias_hi > bias_lo) | (slot >= 0)
+    cols = start + tl.arange(0, BLOCK)
+    mask = (cols < vocab_size) & edited
+    x_at = x_ptr + row.to(tl.int64) * row_stride + cols
+    x = tl.load(x_at, mask=mask, other=0.0)
+    row_start = row.to(tl.int64) * vocab_size
+    x, _, _ = _edit(
+        x, cols, start, row_start, vocab_size, bias_keys_ptr, bias_values_ptr,
+        bias_lo,
+        _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
+                           HAS_BIAS), bias_hi, slot, seen_ptr, seen_stride,
+        counts_ptr, presence, frequency, repetition, HAS_BIAS, HAS_PENALTIES,
+        BLOCK)
+    tl.store(x_at, x, mask=mask)
+
+
+def edit(x: torch.Tensor, bias: "LogitBias | None",
+         penalties: "PenaltyCounts | None") -> None:
+    """``bias`` then ``penalties`` on ``x`` [N, V] float32 (columns
+    contiguous), in place: what ``sample`` does where it reads a logit."""
+    assert x.dtype == torch.float32 and x.stride(-1) == 1
+    if bias is None and penalties is None:
+        return
+    num_rows, vocab_size = x.shape
+    block = 2048
+    _edit_kernel[(num_rows, triton.cdiv(vocab_size,
+                                        block))](x,
+                                                 x.stride(0),
+                                                 vocab_size,
+                                                 *_edit_args(bias, penalties),
+                                                 HAS_BIAS=bias is not None,
+                                                 HAS_PENALTIES=penalties
+                                                 is not None,
+                                                 BLOCK=block,
+                                                 num_warps=4)
+
+
 # --------------------------------------------------------------- row_stats
 @triton.jit
-def _row_stats_kernel(x_ptr, row_stride, vocab_size, max_ptr, sigma_ptr,
-                      SIGMA: tl.constexpr, TILE: tl.constexpr):
+def _row_stats_kernel(stats_ptr, num_chunks, max_ptr, sigma_ptr,
+                      SIGMA: tl.constexpr, CHUNKS_POW2: tl.constexpr):
     row = tl.program_id(0)
-    x_row = x_ptr + row.to(tl.int64) * row_stride
-    row_max, sigma = _max_and_sigma(x_row, vocab_size, SIGMA, TILE)
+    row_max, sigma, _, _ = _row_stats_of(stats_ptr, row, num_chunks,
+                                         CHUNKS_POW2)
     tl.store(max_ptr + row, row_max)
     if SIGMA:
         tl.store(sigma_ptr + row, sigma)
@@ -267,166 +788,84 @@ def row_stats(x: torch.Tensor,
     standard deviation of its finite values [N] float32, in one pass."""
     x = _columns_contiguous(x)
     num_rows, vocab_size = x.shape
+    stats, _ = _stats(x, None, None, True, sigma, False)
     out = torch.empty(2, num_rows, dtype=torch.float32, device=x.device)
-    _row_stats_kernel[(num_rows, )](x,
-                                    x.stride(0),
-                                    vocab_size,
-                                    out[0],
-                                    out[1],
-                                    SIGMA=sigma,
-                                    TILE=_TILE,
-                                    num_warps=_NUM_WARPS)
+    num_chunks = _num_chunks(vocab_size)
+    _row_stats_kernel[(num_rows, )](
+        stats,
+        num_chunks,
+        out[0],
+        out[1],
+        SIGMA=sigma,
+        CHUNKS_POW2=triton.next_power_of_2(num_chunks),
+        num_warps=1)
     return out[0], out[1] if sigma else None
 
 
-# --------------------------------------------------------- apply_penalties
-@triton.jit
-def _apply_penalties_kernel(x_ptr, row_stride, vocab_size, rows_ptr, slots_ptr,
-                            counts_ptr, in_prompt_ptr, presence_ptr,
-                            frequency_ptr, repetition_ptr, BLOCK: tl.constexpr):
-    row = tl.load(rows_ptr + tl.program_id(0))
-    slot = tl.load(slots_ptr + tl.program_id(0))
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < vocab_size
-    x_at = x_ptr + row * row_stride + cols
-    x = tl.load(x_at, mask=mask)
-    count = tl.load(counts_ptr + slot * vocab_size + cols, mask=mask, other=0)
-    in_prompt = tl.load(in_prompt_ptr + slot * vocab_size + cols,
-                        mask=mask,
-                        other=0)
-    in_output = count > 0
-    repetition = tl.load(repetition_ptr + row)
-    # IEEE division, as torch's: x / r must round the same way.
-    penalised = tl.where(x > 0, tl.math.div_rn(x, repetition), x * repetition)
-    x = tl.where(in_output | (in_prompt != 0), penalised, x)
-    x = (x - tl.load(frequency_ptr + row) * count.to(tl.float32) -
-         tl.load(presence_ptr + row) * in_output.to(tl.float32))
-    tl.store(x_at, x, mask=mask)
-
-
-def apply_penalties(x: torch.Tensor, penalties: "PenaltyCounts") -> None:
-    """Repetition, frequency and presence penalties on the rows
-    ``penalties.rows`` of ``x`` [N, V] float32 (columns contiguous), in
-    place, from each row's slot of the counts."""
-    assert x.dtype == torch.float32 and x.stride(-1) == 1
-    num_rows = penalties.rows.shape[0]
-    vocab_size = x.shape[1]
-    block = 2048
-    _apply_penalties_kernel[(num_rows, triton.cdiv(vocab_size, block))](
-        x,
-        x.stride(0),
-        vocab_size,
-        penalties.rows,
-        penalties.slots,
-        penalties.counts,
-        penalties.in_prompt.view(torch.uint8),
-        penalties.presence,
-        penalties.frequency,
-        penalties.repetition,
-        BLOCK=block,
-        num_warps=4)
-
-
 # ----------------------------------------------------------- topk_logprobs
-@triton.jit
-def _logprob_stats_kernel(x_ptr, row_stride, vocab_size, token_ptr, chosen_ptr,
-                          rank_ptr, row_max_ptr, log_sum_ptr, segment_max_ptr,
-                          num_segments, TILE: tl.constexpr,
-                          SEGMENT: tl.constexpr):
-    ROWS: tl.constexpr = TILE // SEGMENT
-    row = tl.program_id(0)
-    x_row = x_ptr + row.to(tl.int64) * row_stride
-    chosen = tl.load(x_row + tl.load(token_ptr + row)).to(tl.float32)
-    # A tile as [ROWS, SEGMENT]: segment r of the tile is its row r.
-    cols = (tl.arange(0, ROWS)[:, None] * SEGMENT +
-            tl.arange(0, SEGMENT)[None, :])
-    # Per lane: max, sum of exp(x - max), count above the chosen logit.
-    run_max = tl.full([ROWS, SEGMENT], float("-inf"), tl.float32)
-    sum_exp = tl.zeros([ROWS, SEGMENT], tl.float32)
-    num_above = tl.zeros([ROWS, SEGMENT], tl.int32)
-    x_next = _load(x_row, cols, vocab_size)
-    for start in range(0, vocab_size, TILE):
-        x = x_next
-        x_next = _load(x_row, start + TILE + cols, vocab_size)
-        new_max = tl.maximum(run_max, x)
-        # A lane still at -inf holds 0 (not exp(-inf - -inf) = NaN).
-        sum_exp = tl.where(
-            new_max == float("-inf"), 0.0,
-            sum_exp * tl.exp(run_max - new_max) + tl.exp(x - new_max))
-        run_max = new_max
-        num_above += (x > chosen).to(tl.int32)
-        segments = start // SEGMENT + tl.arange(0, ROWS)
-        tl.store(segment_max_ptr + row.to(tl.int64) * num_segments + segments,
-                 tl.max(x, axis=1),
-                 mask=segments < num_segments)
-    row_max = tl.max(tl.max(run_max, axis=1), axis=0)
-    scale = tl.where(run_max == float("-inf"), 0.0, tl.exp(run_max - row_max))
-    total = tl.sum(tl.sum(sum_exp * scale, axis=1), axis=0)
-    log_sum = tl.log(total)
-    tl.store(row_max_ptr + row, row_max)
-    tl.store(log_sum_ptr + row, log_sum)
-    # Rounded as log_softmax is: (x - max) - log(sum(exp(x - max))).
-    tl.store(chosen_ptr + row, (chosen - row_max) - log_sum)
-    num_above_row = tl.sum(tl.sum(num_above, axis=1), axis=0)
-    tl.store(rank_ptr + row, num_above_row.to(tl.int64) + 1)
-
-
-def topk_logprobs(
-        logits: torch.Tensor, token_ids: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sampler.compute_topk_logprobs`` of one chunk, without log_softmax
     over [M, V]: log p = x - logsumexp(x), only where it is returned.
-    -> the log probabilities of ``token_ids`` [M, 1] and their ranks [M],
-    then the top ``k`` log probabilities and their ids [M, k].
+    -> ids [M, k+1] (``token_ids`` [M], then the top ``k``), their log
+    probabilities [M, k+1] float32 and the tokens' ranks [M].
 
     Ranks count the logits greater than the token's: the order of the
     logprobs, except that log_softmax's float32 rounding can make nearby
-    16-bit logits equal (a tie there, not here). The top k are searched for
-    in the k segments with the largest maxima: they hold the k largest
-    logits (up to ties).
+    16-bit logits equal (a tie there, not here).
     """
     logits = _columns_contiguous(logits)
-    num_rows, vocab_size = logits.shape
-    token_ids = token_ids.reshape(num_rows).contiguous()
-    num_segments = triton.cdiv(vocab_size, _SEGMENT)
-    # log p = (x - max) - log(sum(exp(x - max))), rounded as log_softmax is.
-    chosen, row_max, log_sum = torch.empty(3,
-                                           num_rows,
-                                           1,
-                                           dtype=torch.float32,
-                                           device=logits.device)
-    ranks = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
-    segment_max = torch.empty(num_rows,
-                              num_segments,
-                              dtype=torch.float32,
-                              device=logits.device)
-    _logprob_stats_kernel[(num_rows, )](logits,
-                                        logits.stride(0),
-                                        vocab_size,
-                                        token_ids,
-                                        chosen,
-                                        ranks,
-                                        row_max,
-                                        log_sum,
-                                        segment_max,
-                                        num_segments,
-                                        TILE=_TILE,
-                                        SEGMENT=_SEGMENT,
-                                        num_warps=_NUM_WARPS)
-    if k * _SEGMENT * 4 > vocab_size:
-        # A large k: the segments would hold most of the row anyway.
-        top_values, top_ids = logits.topk(k, dim=-1)
-    else:
-        segments = segment_max.topk(k, dim=-1).indices  # [M, k]
-        ids = (segments.unsqueeze(2) * _SEGMENT +
-               torch.arange(_SEGMENT, device=logits.device)).view(
-                   num_rows, -1)  # [M, k * SEGMENT]
-        # Past the row (the last segment's tail): -inf, at a valid id.
-        past = ids >= vocab_size
-        ids = ids.clamp_(max=vocab_size - 1)
-        candidates = logits.gather(dim=1, index=ids).float()
-        candidates.masked_fill_(past, float("-inf"))
-        top_values, best = candidates.topk(k, dim=-1)
-        top_ids = ids.gather(dim=1, index=best)
-    return (chosen, ranks, (top_values.float() - row_max).sub_(log_sum),
-            top_ids)
+    num_rows = logits.shape[0]
+    stats, segment_max = _stats(logits, None, None, False, False, True)
+    outputs = _finish(logits,
+                      token_ids.to(torch.int64).reshape(num_rows).contiguous(),
+                      None, stats, segment_max, k)
+    assert outputs is not None
+    return outputs[0], outputs[1], outputs[2]
+
+
+# -------------------------------------------------------------- mark_tokens
+@triton.jit
+def _mark_tokens_kernel(keys_ptr, num_keys, tokens_ptr, rows_ptr, counts_ptr,
+                        seen_ptr, seen_stride, vocab_size, COUNT: tl.constexpr,
+                        ADD_TOKENS: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < num_keys
+    key = tl.load(keys_ptr + i, mask=mask, other=0)
+    if ADD_TOKENS:
+        row = tl.load(rows_ptr + i, mask=mask, other=0)
+        key += tl.load(tokens_ptr + row, mask=mask, other=0)
+    slot = key // vocab_size
+    token = key - slot * vocab_size
+    if COUNT:
+        tl.atomic_add(counts_ptr + key, 1, mask=mask)
+    # Bit 31 wraps to int32's sign bit, as in SamplingState's torch code.
+    bit = (tl.full(token.shape, 1, tl.int64) << (token % 32)).to(tl.int32)
+    tl.atomic_or(seen_ptr + slot * seen_stride + token // 32, bit, mask=mask)
+
+
+def mark_tokens(counts: torch.Tensor,
+                seen: torch.Tensor,
+                keys: torch.Tensor,
+                count: bool,
+                add: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Set the seen bit of each key (slot * V + token id [K] int64) in
+    ``seen`` [slots, W] int32 and, with ``count``, add one to ``counts``
+    [slots, V] int32 there (atomics: keys may repeat). With ``add`` =
+    (tokens [N], rows [K]), key i is keys[i] + tokens[rows[i]]."""
+    num_keys = keys.shape[0]
+    if num_keys == 0:
+        return
+    block = 256
+    _mark_tokens_kernel[(triton.cdiv(num_keys,
+                                     block), )](keys,
+                                                num_keys,
+                                                *(add or (None, None)),
+                                                counts,
+                                                seen,
+                                                seen.stride(0),
+                                                counts.shape[1],
+                                                COUNT=count,
+                                                ADD_TOKENS=add is not None,
+                                                BLOCK=block,
+                                                num_warps=4)
