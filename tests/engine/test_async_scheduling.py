@@ -61,6 +61,18 @@ MIXED = [
                    max_tokens=35,
                    stop=["ball"],
                    include_stop_str_in_output=True),
+    # Penalties read the tokens sampled so far from the device.
+    SamplingParams(temperature=0.9,
+                   seed=3,
+                   n=2,
+                   presence_penalty=0.8,
+                   frequency_penalty=0.5,
+                   repetition_penalty=1.3,
+                   max_tokens=30),
+    SamplingParams(temperature=0.0,
+                   repetition_penalty=1.5,
+                   min_tokens=12,
+                   max_tokens=24),
 ]
 
 
@@ -132,8 +144,6 @@ def test_next_step_launches_before_tokens_arrive(
 
 
 @pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0.0, max_tokens=8, repetition_penalty=1.2),
-    SamplingParams(temperature=0.0, max_tokens=8, min_tokens=4),
     SamplingParams(temperature=0.0, max_tokens=8, bad_words=["the"]),
     SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=2),
 ])
@@ -145,6 +155,22 @@ def test_requests_that_need_host_tokens_run_one_step_at_a_time(
     if params.prompt_logprobs is None:
         assert set(events[::2]) == {"launch"} and set(events[1::2]) == {"wait"}
     assert got == _run(_engine(stories260k_path, False), [params])
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.5),
+    SamplingParams(
+        temperature=0.0, max_tokens=12, frequency_penalty=1.0, min_tokens=6),
+])
+def test_penalties_and_min_tokens_run_ahead(stories260k_path: Path,
+                                            params: SamplingParams) -> None:
+    """Their counts advance on the device: the next step launches before
+    the tokens arrive, with the outputs of one step at a time."""
+    engine = _engine(stories260k_path, True)
+    events = _launch_order(engine)
+    got = _run(engine, [params] * 2)
+    assert events[:4] == ["launch", "launch", "wait", "launch"]
+    assert got == _run(_engine(stories260k_path, False), [params] * 2)
 
 
 def test_abort_while_a_step_is_in_flight(stories260k_path: Path) -> None:

@@ -12,6 +12,7 @@ from vllm.model_executor.sampling_metadata import (PenaltyCounts,
                                                    SamplingMetadata, seen_mask)
 from vllm.model_executor.sampling_state import SamplingState
 from vllm.sampling_params import SamplingParams
+from vllm.sequence import PLACEHOLDER_TOKEN_ID
 
 CPU = torch.device("cpu")
 VOCAB = 50
@@ -296,14 +297,16 @@ def test_engine_path_never_syncs(device: str):
 
 
 def test_sampled_ids_grow_the_counts_without_reading_outputs():
-    """After ``sampled``, a step where every output grew by one adds the
-    sampled ids (here the host lists hold placeholders: their tokens are
-    not read); a step with another batch rebuilds from the lists."""
+    """As async scheduling runs it: each output ends with a placeholder for
+    the token its last step is still sampling. After ``sampled``, a step of
+    the same batch adds those ids on the device without reading the lists;
+    a step of another batch reads the lists and takes each placeholder's
+    token from the last step's ids."""
     state = SamplingState(CPU)
-    params = [SamplingParams(presence_penalty=1.0)] * 2
-    prompts = [[0], [0]]
-    outputs = [[1], [2, 3]]
-    real = [[1], [2, 3]]
+    params = [SamplingParams(presence_penalty=1.0)] * 3
+    prompts = [[0], [0], [0]]
+    outputs = [[1], [2, 3], [4]]
+    real = [list(output) for output in outputs]
 
     def counts_of(seq_ids: list[int]) -> list[torch.Tensor]:
         md = state.prepare(seq_ids, params[:len(seq_ids)],
@@ -313,19 +316,24 @@ def test_sampled_ids_grow_the_counts_without_reading_outputs():
         assert isinstance(penalties, PenaltyCounts)
         return [penalties.counts[slot].long() for slot in penalties.slots]
 
-    counts_of([0, 1])
-    for step in range(3):
-        drawn = [5 + step, 7]
-        state.sampled(torch.tensor(drawn))
-        for output, full, token in zip(outputs, real, drawn):
-            output.append(-1)  # not known on the host yet
-            full.append(token)
-        for got, tokens in zip(counts_of([0, 1]), real):
+    in_flight: list[int] = []  # sequences of the step still sampling
+
+    def step(seq_ids: list[int], drawn: list[int]) -> None:
+        for got, seq in zip(counts_of(seq_ids), seq_ids):
             assert torch.equal(
-                got, torch.bincount(torch.tensor(tokens), minlength=VOCAB))
-    for output, full in zip(outputs, real):
-        output[:] = full
-    # Another batch: rebuilt from the (now real) lists.
-    assert torch.equal(
-        counts_of([1])[0], torch.bincount(torch.tensor(real[1]),
-                                          minlength=VOCAB))
+                got, torch.bincount(torch.tensor(real[seq]), minlength=VOCAB))
+        state.sampled(torch.tensor(drawn))
+        # Launched: the step before reaches the host, this one is in flight.
+        for seq in in_flight:
+            outputs[seq][-1] = real[seq][-1]
+        for seq, token in zip(seq_ids, drawn):
+            outputs[seq].append(PLACEHOLDER_TOKEN_ID)
+            real[seq].append(token)
+        in_flight[:] = seq_ids
+
+    step([0, 1, 2], [5, 7, 9])
+    step([0, 1, 2], [6, 7, 9])  # same batch: the device adds the ids
+    step([0, 1, 2], [8, 2, 9])
+    step([2, 1], [3, 3])  # 0 left: placeholders' tokens from the last ids
+    step([1, 2, 0], [4, 4, 4])  # 0 is back: rebuilt, with its placeholder
+    step([1, 2, 0], [1, 1, 1])

@@ -12,9 +12,9 @@ sequence that samples in step N holding ``PLACEHOLDER_TOKEN_ID`` as its last
 token (the model runner reads the real one on the device). Host work then
 overlaps the GPU's. A sequence that stops at step N was computed once more in
 step N+1; that row is dropped. Steps whose requests need their sampled tokens
-on the host before the next step (penalties, min_tokens, bad words, logits
-processors, beam search, a pending fork, prompt logprobs) and prefix caching
-(block hashes read the tokens) run one at a time.
+on the host before the next step (bad words, logits processors, beam search, a
+pending fork, prompt logprobs) and prefix caching (block hashes read the
+tokens) run one at a time.
 """
 import itertools
 import time
@@ -64,10 +64,10 @@ class _LaunchedStep:
 
 def needs_host_tokens(params: SamplingParams) -> bool:
     """Whether a request's next step needs the tokens sampled so far on the
-    host: the sampler reads them (penalties, min_tokens, bad words, logits
-    processors)."""
-    return bool(params.has_penalties or params.min_tokens or params.bad_words
-                or params.logits_processors)
+    host: the sampler reads them (bad words, logits processors). Penalties
+    take a step's tokens from the device (``SamplingState.sampled``) and
+    min_tokens only counts them."""
+    return bool(params.bad_words or params.logits_processors)
 
 
 class TextPrompt(TypedDict):

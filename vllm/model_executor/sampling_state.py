@@ -13,7 +13,9 @@ but keeps what does not change between steps:
   one, in place. When the caller passed the last step's sampled ids to
   ``sampled`` and every output grew by one, those ids (already on the
   device) are the new tokens: the host reads no token at all. Otherwise it
-  uploads each output's last token (one int per row).
+  uploads each output's last token (one int per row); a last token still
+  ``PLACEHOLDER_TOKEN_ID`` (async scheduling: the step that samples it has
+  not reached the host) is taken from those ids on the device.
 
 Only rows with min_tokens or bad words look at their outputs on the host at
 every step. A sequence absent from a step loses its slot (it finished, or
@@ -35,6 +37,7 @@ from vllm.model_executor.sampling_metadata import (
     seeded_index, seen_words, step_keys)
 from vllm.sampling_params import (LogitsProcessor, SamplingParams, SamplingType,
                                   logits_processor_takes_prompt)
+from vllm.sequence import PLACEHOLDER_TOKEN_ID
 
 # Columns of SamplingState._floats, one row per slot.
 _TEMPERATURE, _TOP_P, _MIN_P, _TOP_N_SIGMA = 0, 1, 2, 3
@@ -69,6 +72,9 @@ class _CountsUpdate:
     appended: bool = False  # append_keys
     # The ids ``SamplingState.sampled`` got: each penalised row's new token.
     sampled: torch.Tensor | None = None
+    # Those ids again, when only some rows' new tokens are placeholders
+    # (pending_slot_keys, pending_rows: their slots and rows there).
+    pending: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,8 +138,9 @@ class SamplingState:
         self._counts: torch.Tensor | None = None  # [slots, V] int32
         self._seen: torch.Tensor | None = None  # [slots, V / 32] int32
         self._batch: _Batch | None = None
-        # The ids sampled with the last metadata (``sampled``).
-        self._sampled: torch.Tensor | None = None
+        # The ids sampled with the last metadata, and the sequence of each
+        # row (``sampled``).
+        self._sampled: tuple[list[int], torch.Tensor] | None = None
 
     @property
     def num_slots(self) -> int:
@@ -163,7 +170,6 @@ class SamplingState:
         batch = self._batch
         sampled, self._sampled = self._sampled, None
         if batch is None or batch.seq_ids != seq_ids:
-            sampled = None  # of other rows
             batch = self._batch = self._new_batch(list(seq_ids), params,
                                                   generators, seed_keys,
                                                   output_token_ids,
@@ -212,11 +218,14 @@ class SamplingState:
 
     def sampled(self, token_ids: torch.Tensor) -> None:
         """The ids [N] sampled with the metadata ``prepare`` returned last
-        (on its device; final, e.g. after ``SamplerOutput.to_host``). The
-        next ``prepare`` of the same sequences takes them as the token each
+        (on its device, final: without a recheck pending). The next
+        ``prepare`` of the same sequences takes them as the token each
         output gained, when each grew by exactly one (as decoding appends
-        the sampled token), without reading the outputs' tokens."""
-        self._sampled = token_ids
+        the sampled token), without reading the outputs' tokens; and any
+        ``prepare`` takes them for an output whose last token is still a
+        placeholder."""
+        assert self._batch is not None, "sampled before prepare"
+        self._sampled = (self._batch.seq_ids, token_ids)
 
     # ------------------------------------------------------------ slots
     def _admit(self, seq_id: int, params: SamplingParams,
@@ -480,13 +489,14 @@ class SamplingState:
         return mask_rows.tolist(), mask_cols.tolist()
 
     # ------------------------------------------------------------ penalties
-    def _update_counts(self, batch: _Batch, output_token_ids: list[list[int]],
-                       prompt_token_ids: list[list[int]], host: HostBuffers,
-                       sampled: torch.Tensor | None) -> _CountsUpdate:
+    def _update_counts(
+            self, batch: _Batch, output_token_ids: list[list[int]],
+            prompt_token_ids: list[list[int]], host: HostBuffers,
+            sampled: tuple[list[int], torch.Tensor] | None) -> _CountsUpdate:
         """Host side of bringing the penalised rows' device counts up to
-        date: add the one token each output gained since the last step (from
-        ``sampled`` when given), rebuild the rows that changed otherwise
-        (and new ones)."""
+        date: add the one token each output gained since the last step
+        (``sampled``'s ids when the batch is the same), rebuild the rows
+        that changed otherwise (and new ones)."""
         rows = batch.penalised_rows
         if not rows:
             return _CountsUpdate()
@@ -498,11 +508,12 @@ class SamplingState:
                               count=len(rows))
         known = self._output_len[slots]
         grown = lengths - known
-        if (sampled is not None and (grown == 1).all()
+        if (sampled is not None and sampled[0] is batch.seq_ids
+                and (grown == 1).all()
                 and all(map(operator.is_, outputs, self._outputs[slots]))):
             self._output_len[slots] += 1
             self._last_token[slots] = _UNKNOWN
-            return _CountsUpdate(sampled=sampled)
+            return _CountsUpdate(sampled=sampled[1])
         same = np.fromiter(map(operator.is_, outputs, self._outputs[slots]),
                            dtype=bool,
                            count=len(rows))
@@ -520,12 +531,20 @@ class SamplingState:
         rebuild = ~append & ~(same & (grown == 0))
         update = _CountsUpdate(bool(rebuild.any()), bool(append.any()))
         vocab_size = self.vocab_size
+        # Rows whose new last token is a placeholder: from ``sampled``.
+        pending: list[int] = []
         if update.rebuilt:
             self._ensure_counts()
             rebuilt = np.flatnonzero(rebuild).tolist()
             rebuilt_slots = slots[rebuilt]
-            count_slots, count_tokens = pairs(rebuilt_slots.tolist(),
-                                              [outputs[i] for i in rebuilt])
+            tokens = []
+            for i in rebuilt:
+                output = outputs[i]
+                if output and output[-1] == PLACEHOLDER_TOKEN_ID:
+                    pending.append(i)
+                    output = output[:-1]
+                tokens.append(output)
+            count_slots, count_tokens = pairs(rebuilt_slots.tolist(), tokens)
             prompts = [
                 prompt_token_ids[rows[i]]
                 if self._request_of(batch, rows[i]).uses_prompt else []
@@ -548,11 +567,36 @@ class SamplingState:
                                    _pick(outputs, appended)),
                                dtype=np.int64,
                                count=len(appended))
+            placeholder = last == PLACEHOLDER_TOKEN_ID
+            pending += appended[placeholder].tolist()
+            appended, last = appended[~placeholder], last[~placeholder]
+            update.appended = bool(len(appended))
             host.add("append_keys", slots[appended] * vocab_size + last,
                      np.int64)
-            self._output_len[slots[appended]] += 1
+            self._output_len[slots[np.flatnonzero(append)]] += 1
             self._last_token[slots[appended]] = last
+        if pending:
+            update.pending = self._add_pending(batch, slots, pending, sampled,
+                                               host)
         return update
+
+    def _add_pending(self, batch: _Batch, slots: np.ndarray, pending: list[int],
+                     sampled: tuple[list[int], torch.Tensor] | None,
+                     host: HostBuffers) -> torch.Tensor:
+        """Upload where the placeholders' tokens are in ``sampled``: the
+        slot keys of the penalised rows ``pending`` (indices into ``slots``)
+        and their rows in the last step. -> its ids."""
+        if sampled is None:
+            raise RuntimeError("an output ends with a placeholder, but no "
+                               "step's sampled ids were given (sampled())")
+        row_of = {seq_id: row for row, seq_id in enumerate(sampled[0])}
+        rows = batch.penalised_rows
+        host.add("pending_slot_keys", slots[pending] * self.vocab_size,
+                 np.int64)
+        host.add("pending_rows",
+                 [row_of[batch.seq_ids[rows[i]]] for i in pending], np.int64)
+        self._last_token[slots[pending]] = _UNKNOWN
+        return sampled[1]
 
     def _ensure_counts(self) -> None:
         """Device rows for every slot (the slots only grow)."""
@@ -587,6 +631,12 @@ class SamplingState:
             mark_tokens(counts, seen, get("prompt_keys"), count=False)
         if update.appended:
             mark_tokens(counts, seen, get("append_keys"), count=True)
+        if update.pending is not None:
+            mark_tokens(counts,
+                        seen,
+                        get("pending_slot_keys"),
+                        count=True,
+                        add=(update.pending, get("pending_rows")))
         if update.sampled is not None:
             assert batch.slot_keys_dev is not None
             mark_tokens(counts,
