@@ -522,3 +522,37 @@ def test_sampler_keeps_greedy_and_seeded_tokens(monkeypatch, with_top_k,
     assert torch.equal(lp.selected_token_ranks[same],
                        expected_lp.selected_token_ranks[same])
     torch.testing.assert_close(lp.logprobs[same], expected_lp.logprobs[same])
+
+
+def test_tiny_top_n_sigma_draws_the_edited_argmax(monkeypatch):
+    """The row statistics behind the thresholds are those of the edited
+    logits (bias and penalties): a tiny top-nσ keeps only the edited max,
+    so every row draws what greedy does, edited the same."""
+    num_rows, vocab_size = (9, 300) if INTERPRET else (64, 151_936)
+    gen = torch.Generator().manual_seed(8)
+    host_logits = torch.randn(num_rows, vocab_size, generator=gen) * 2
+    logits = host_logits.to(DEVICE)
+    # Each row's edited max is a biased logit just above the largest logit
+    # no edit changes: only the merged statistics keep it alone.
+    top = host_logits.max(dim=1).values
+    edits = [
+        dict(frequency_penalty=0.9,
+             presence_penalty=0.4,
+             repetition_penalty=1.4,
+             logit_bias={
+                 vocab_size - 1 - row:
+                 float(top[row] + 0.05 - host_logits[row, -1 - row]),
+                 row * 5 % vocab_size:
+                 -2.5
+             }) for row in range(num_rows)
+    ]
+    tiny = [
+        SamplingParams(temperature=1.0, top_n_sigma=1e-6, seed=row, **e)
+        for row, e in enumerate(edits)
+    ]
+    greedy = [SamplingParams(temperature=0.0, **e) for e in edits]
+    use_kernels(monkeypatch, True)
+    tokens, _ = run(logits, tiny, fused=True, stateful=True)
+    use_kernels(monkeypatch, False)
+    expected, _ = run(logits, greedy, fused=False, stateful=True)
+    assert tokens == expected
