@@ -26,10 +26,15 @@ both scales, min_p and top-p take T into account.
 
 On CUDA with triton installed, the passes over the whole vocabulary are
 Triton kernels (``ops/sampling_kernels.py``; the torch code stays the CPU
-path and the reference): without top-k/top-p, one launch computes each
-row's top-nσ and min_p thresholds and draws (``fused_random_sample``, which
-also takes the greedy rows' argmax and the draw after top-k/top-p when no
-recheck can be needed), and logprobs never build log_softmax over [N, V].
+path and the reference). Without top-k/top-p the whole step is one
+``kernels.sample`` (``fused_random_sample``, three launches) on the logits
+as they are: logit_bias and the penalties (``PenaltyCounts``) are applied
+where each logit is read, then the top-nσ and min_p thresholds, the draw
+(greedy rows: the argmax) and the logprobs; the float32 copy exists only
+when logits processors or masks rewrite logits. With top-k/top-p,
+``kernels.edit`` applies bias and penalties to the copy in one launch, and
+``fused_random_sample`` still draws when no recheck can be needed. Logprobs
+never build log_softmax over [N, V].
 
 Nothing sorts the whole vocabulary: top-k/top-p look at each row's largest
 logits (``torch.topk``). A row whose kept tokens may reach past them (a long
@@ -181,7 +186,7 @@ class Sampler(torch.nn.Module):
             # give the same token (the conversion is exact).
             sampled = logits.argmax(dim=-1)
         elif kernels is not None and _fuses_step(md):
-            # Bias, penalties, thresholds, draw and logprobs in one launch;
+            # Bias, penalties, thresholds, draw and logprobs in the kernels;
             # a float32 copy only when something masks or rewrites logits.
             work = apply_masks(logits, md, copy=False)
             sampled, logprobs_tensors = fused_random_sample(kernels,
@@ -299,11 +304,11 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
     With ``PenaltyCounts`` (``SamplingState`` keeps each sequence's counts
     on the device), the penalised rows are rewritten whole (the kernels do
-    it where they read the logits). ``PenaltyTensors`` list the tokens seen:
-    only those
-    [T] positions change, never [N, V]; their output counts come from one
-    sort of the output keys and two binary searches (a token seen several
-    times is written several times, always with the same value).
+    it where they read the logits). ``PenaltyTensors`` list the tokens
+    seen: only those [T] positions change, never [N, V]; their output
+    counts come from one sort of the output keys and two binary searches (a
+    token seen several times is written several times, always with the
+    same value).
     """
     penalties = md.penalties
     if penalties is None:
