@@ -20,8 +20,10 @@ finish and are replaced by new ones (0: the batch never changes). One
 the "stateless prepare" row builds every tensor at every step with
 ``SamplingMetadata.prepare`` instead. Steps are timed with CUDA events (on
 CPU: ``time.perf_counter``) after warm-up steps; the table shows the median
-and the 10th / 90th percentiles of the repeats, and the host time of
-``prepare`` alone. The engine runs ``prepare`` while the GPU still computes
+and the 10th / 90th percentiles of the repeats, the host time of
+``prepare`` alone, and that of the ``Sampler`` call (on a GPU: CUDA events
+around its launches, the device time of its kernels when the host keeps
+ahead of them). The engine runs ``prepare`` while the GPU still computes
 the model's forward pass, so on a GPU the host part is partly hidden in a
 real step.
 """
@@ -167,14 +169,28 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
                                         device=device,
                                         history_cache=cache)
 
+    use_cuda = device.type == "cuda"
     prepare_ms: list[float] = []
+    # The Sampler call alone: on CUDA, events around its launches (the
+    # device time of its kernels, when the host launches them faster than
+    # they run); on CPU, its time.
+    sampler_times: list[tuple[Any, Any]] = []
 
     def step() -> list[int]:
         t0 = time.perf_counter()
         metadata = prepare()
         # Host time of prepare alone (its copies are asynchronous).
         prepare_ms.append((time.perf_counter() - t0) * 1e3)
+        before = torch.cuda.Event(
+            enable_timing=True) if use_cuda else time.perf_counter()
+        if use_cuda:
+            before.record()
         out = sampler(logits, metadata)
+        after = torch.cuda.Event(
+            enable_timing=True) if use_cuda else time.perf_counter()
+        if use_cuda:
+            after.record()
+        sampler_times.append((before, after))
         if keep_state:
             state.sampled(out.sampled_token_ids)
         return out.to_host()[0]
@@ -185,15 +201,16 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
         for _ in range(args.replace_per_step):
             seqs[rng.randrange(batch)] = new_sequence()
 
-    use_cuda = device.type == "cuda"
     for _ in range(args.warmup):
         next_step(step())
     if use_cuda:
         torch.cuda.synchronize()
     prepare_ms.clear()
+    sampler_times.clear()
 
     if args.profile:
         profile_steps(lambda: next_step(step()), use_cuda)
+        sampler_times.clear()
 
     step_ms: list[float] = []
     for _ in range(args.repeats):
@@ -210,11 +227,14 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
             sampled = step()
             step_ms.append((time.perf_counter() - t0) * 1e3)
         next_step(sampled)
+    sampler_ms = [(before.elapsed_time(after) if use_cuda else
+                   (after - before) * 1e3) for before, after in sampler_times]
     return {
         "median_ms": statistics.median(step_ms),
         "p10_ms": percentile(step_ms, 0.1),
         "p90_ms": percentile(step_ms, 0.9),
         "prepare_host_median_ms": statistics.median(prepare_ms),
+        "sampler_median_ms": statistics.median(sampler_ms),
     }
 
 
@@ -298,13 +318,13 @@ def main() -> None:
         result["vs_greedy"] = result["median_ms"] / base
 
     header = (f"{'config':<32}{'median ms':>11}{'p10 ms':>9}{'p90 ms':>9}"
-              f"{'prepare ms':>12}{'x greedy':>10}")
+              f"{'prepare ms':>12}{'sampler ms':>12}{'x greedy':>10}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         print(f"{name:<32}{r['median_ms']:>11.3f}{r['p10_ms']:>9.3f}"
               f"{r['p90_ms']:>9.3f}{r['prepare_host_median_ms']:>12.3f}"
-              f"{r['vs_greedy']:>10.2f}")
+              f"{r['sampler_median_ms']:>12.3f}{r['vs_greedy']:>10.2f}")
     if "all features" in results:
         print("all features / greedy: "
               f"{results['all features']['vs_greedy']:.2f}x")
