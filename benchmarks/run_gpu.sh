@@ -4,9 +4,10 @@
 #   bash benchmarks/run_gpu.sh [STAGE ...]     (default: install kernels tests w1-vllm w2-vllm)
 #
 # Stages: install (build vllm._C), kernels (tests/kernels), tests (every test
-# marked cuda), w1-vllm, w1-hf (W1 throughput), w2-vllm, w2-hf (W2 latency),
-# profile, profile-w2 (W1 / W2 decode steps: GPU kernels and host time),
-# kernel-bench (benchmarks/kernels/*.py), cpu-tests (the whole suite).
+# marked cuda), sampler (tests/samplers marked cuda and the sampler
+# micro-benchmark), w1-vllm, w1-hf (W1 throughput), w2-vllm, w2-hf (W2
+# latency), profile, profile-w2 (W1 / W2 decode steps: GPU kernels and host
+# time), kernel-bench (benchmarks/kernels/*.py), cpu-tests (the whole suite).
 # Logs and JSON results go to $OUT (default ./gpu_logs); a summary table is
 # printed last. Test models come from $VLLM_TEST_MODELS_DIR (default
 # ../shared/models). TORCH_CUDA_ARCH_LIST defaults to the local GPU's arch.
@@ -27,7 +28,7 @@ run() {  # run NAME LOG COMMAND...
     "$@" > "$OUT/$log" 2>&1 || rc=$?
     tail -n 5 "$OUT/$log"
     summary+=("$(printf '%-12s rc=%-3s %5ss  %s' "$name" "$rc" $((SECONDS - start)) \
-        "$(grep -E 'passed|failed|Throughput|Avg latency|achieved|Decode step' "$OUT/$log" | tail -n 1)")")
+        "$(grep -E 'passed|failed|Throughput|Avg latency|achieved|Decode step|/ greedy' "$OUT/$log" | tail -n 1)")")
 }
 
 W1=(benchmarks/benchmark_throughput.py --model benchmarks/configs/qwen3-0.6b
@@ -60,6 +61,11 @@ for stage in "${stages[@]}"; do
             run install install.log python3 -m pip install -v --no-build-isolation --no-deps -e . ;;
         kernels) run kernels kernels.log python3 -m pytest tests/kernels -q -ra -p no:cacheprovider ;;
         tests) run tests pytest_cuda.log python3 -m pytest tests/ -m cuda -q -ra -p no:cacheprovider ;;
+        sampler)
+            run sampler-tests sampler_tests.log python3 -m pytest tests/samplers -m cuda -q -ra \
+                -p no:cacheprovider
+            run sampler-bench sampler.log python3 benchmarks/kernels/benchmark_sampler.py \
+                --output-json "$OUT/sampler.json" ;;
         cpu-tests) run cpu-tests pytest.log python3 -m pytest tests/ -q -ra -p no:cacheprovider ;;
         w1-vllm) run w1-vllm w1_vllm.log python3 "${W1[@]}" --backend vllm --output-json "$OUT/w1_vllm.json" ;;
         w1-hf) run w1-hf w1_hf.log python3 "${W1[@]}" --backend hf --output-json "$OUT/w1_hf.json" ;;
