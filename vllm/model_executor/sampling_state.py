@@ -563,18 +563,20 @@ class SamplingState:
                     slots[i]] = outputs[i][-1] if outputs[i] else -1
         if update.appended:
             appended = np.flatnonzero(append)
+            self._output_len[slots[appended]] += 1
             last = np.fromiter(map(operator.itemgetter(-1),
                                    _pick(outputs, appended)),
                                dtype=np.int64,
                                count=len(appended))
             placeholder = last == PLACEHOLDER_TOKEN_ID
             pending += appended[placeholder].tolist()
+            # The other new tokens are known here: uploaded.
             appended, last = appended[~placeholder], last[~placeholder]
             update.appended = bool(len(appended))
-            host.add("append_keys", slots[appended] * vocab_size + last,
-                     np.int64)
-            self._output_len[slots[np.flatnonzero(append)]] += 1
-            self._last_token[slots[appended]] = last
+            if update.appended:
+                host.add("append_keys", slots[appended] * vocab_size + last,
+                         np.int64)
+                self._last_token[slots[appended]] = last
         if pending:
             update.pending = self._add_pending(batch, slots, pending, sampled,
                                                host)
