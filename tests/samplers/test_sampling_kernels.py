@@ -54,7 +54,6 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     if INTERPRET:
         monkeypatch.setattr(kernels, "_TILE", 64)
         monkeypatch.setattr(kernels, "_SEGMENT", 16)
-        monkeypatch.setattr(kernels, "_COUNTERS", 16)
         monkeypatch.setattr(kernels, "_CHUNK_TILES", 2)
 
 
@@ -147,11 +146,13 @@ def test_greedy_rows_take_the_first_argmax(shape, dtype):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_seeded_rows_draw_with_the_noise_of_their_keys(shape, dtype):
+@pytest.mark.parametrize("rules", [True, False])
+def test_seeded_rows_draw_with_the_noise_of_their_keys(shape, dtype, rules):
     """Seeded rows give the tokens of the torch draw with the noise that
     ``seeded_log_q`` gives their keys, whatever the other rows, with the
-    thresholds of the sampler's rules (top-nσ, min_p, a given one);
-    unseeded rows keep to their threshold."""
+    thresholds of the sampler's rules (top-nσ, min_p, a given one; with
+    ``rules`` the draw reads only the segments that reach them, else every
+    segment); unseeded rows keep to their threshold."""
     num_rows, vocab_size = shape
     logits = make_logits(num_rows, vocab_size, dtype, seed=3)
     x = logits.float()
@@ -169,6 +170,8 @@ def test_seeded_rows_draw_with_the_noise_of_their_keys(shape, dtype):
                                   NEG_INF)
     threshold = torch.maximum(
         torch.maximum(top_n_sigma_threshold, min_p_threshold), given)
+    if not rules:
+        threshold = given
     # Every other row seeded, with keys in reverse order.
     seeded_rows = torch.arange(0, num_rows, 2, device=DEVICE)
     keys = torch.randint(1 << 62, (len(seeded_rows), ),
@@ -183,8 +186,8 @@ def test_seeded_rows_draw_with_the_noise_of_their_keys(shape, dtype):
                   temperature,
                   12345,
                   threshold=given,
-                  top_n_sigma=top_n_sigma,
-                  min_p=min_p,
+                  top_n_sigma=top_n_sigma if rules else None,
+                  min_p=min_p if rules else None,
                   seeded_keys=keys,
                   seeded_index=seeded_index)
     expected = gumbel_reference(x[seeded_rows], threshold[seeded_rows],

@@ -15,9 +15,13 @@ of ``_CHUNK_TILES`` tiles) so that every SM has work:
   raw logits.
 - ``_draw_kernel``: each chunk's best score x - T log q over the kept
   (edited) logits, with Gumbel noise made in the kernel (Philox); greedy
-  rows take the argmax. A seeded row's noise is keyed by its step's key and
-  depends only on that key and the token id (``seeded_log_q`` gives the
-  same noise at any token ids).
+  rows take the argmax. With a threshold rule (top-nσ, min_p) the stats
+  pass also stores each segment's edited max, and the draw reads only the
+  segments that reach the row's threshold (greedy rows: its max), a few
+  per row; otherwise every segment. A seeded row's noise is keyed by its
+  step's key and depends only on that key and the token id
+  (``seeded_log_q`` gives the same noise at any token ids), so which
+  segments a draw reads never changes its token.
 - ``_finish_kernel``: per row, the best chunk's token, then its logprob and
   rank and the top-k logprobs, read from the few segments whose maxima say
   they matter.
@@ -39,16 +43,16 @@ import triton.language as tl
 if TYPE_CHECKING:
     from vllm.model_executor.sampling_metadata import LogitBias, PenaltyCounts
 
-# Columns a program reads per step (16 per thread with 4 warps), seen as
-# [_TILE // _SEGMENT, _SEGMENT] where segments are reduced.
-_TILE = 2048
+# Columns a program reads per step (8 per thread with 4 warps), seen as
+# [_TILE // _SEGMENT, _SEGMENT] where segments are reduced. Larger tiles
+# need over 200 registers a thread: two programs per SM, too few to hide
+# the latency of the loads (1,024 measured faster than 2,048 and 512).
+_TILE = 1024
 _SEGMENT = 128
 _NUM_WARPS = 4
 # Tiles of one (row, chunk) program: 16,384 columns, about 10 programs per
 # row of a 150k vocabulary.
-_CHUNK_TILES = 8
-# Philox gives 4 random numbers per call: one call per 4 columns.
-_COUNTERS = _TILE // 4
+_CHUNK_TILES = 16
 # Segments that the count of larger logits looks at per step.
 _SEGMENT_BLOCK = 32
 # Past this k, top-k logprobs come from torch.topk: the segments holding
@@ -114,20 +118,22 @@ def _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
 
 
 @triton.jit
-def _edit(x, cols, start, row_start, vocab_size, bias_keys_ptr, bias_values_ptr,
-          entry, next_col, bias_hi, slot, seen_ptr, seen_stride, counts_ptr,
-          presence, frequency, repetition, HAS_BIAS: tl.constexpr,
-          HAS_PENALTIES: tl.constexpr, TILE: tl.constexpr):
-    """The logits ``x`` at columns ``cols`` (within [start, start + TILE))
-    after the row's logit_bias and penalties: ``sampler.apply_logit_bias``
-    then ``sampler.apply_penalties``, the same arithmetic. -> the edited
-    logits, and the bias entry (and its column) the next tile starts from.
+def _edit(x, cols, start, stop, row_start, vocab_size, bias_keys_ptr,
+          bias_values_ptr, entry, next_col, bias_hi, slot, seen_ptr,
+          seen_stride, counts_ptr, presence, frequency, repetition,
+          HAS_BIAS: tl.constexpr, HAS_PENALTIES: tl.constexpr):
+    """The logits ``x`` at columns ``cols`` (within [start, stop), not
+    necessarily all of them) after the row's logit_bias and penalties:
+    ``sampler.apply_logit_bias`` then ``sampler.apply_penalties``, the same
+    arithmetic. -> the edited logits, and the bias entry (and its column)
+    the next tile starts from.
 
-    The row's bias entries are sorted by column, so a tile looks only at
-    its own: one comparison for a tile without any.
+    The row's bias entries are sorted by column and tiles come in column
+    order, so a tile looks only at its own: one comparison for a tile
+    without any.
     """
     if HAS_BIAS:
-        while next_col < start + TILE:
+        while next_col < stop:
             if next_col >= start:
                 x = tl.where(cols == next_col,
                              x + tl.load(bias_values_ptr + entry), x)
@@ -158,14 +164,16 @@ def _edit(x, cols, start, row_start, vocab_size, bias_keys_ptr, bias_values_ptr,
 def _stats_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
                   bias_starts_ptr, row_slots_ptr, seen_ptr, seen_stride,
                   counts_ptr, presence_ptr, frequency_ptr, repetition_ptr,
-                  stats_ptr, num_chunks, segment_max_ptr, num_segments,
-                  STATS: tl.constexpr, SIGMA: tl.constexpr,
+                  stats_ptr, num_chunks, segment_max_ptr,
+                  edited_segment_max_ptr, num_segments, STATS: tl.constexpr,
+                  SIGMA: tl.constexpr, SEGMENTS: tl.constexpr,
                   LOGPROBS: tl.constexpr, HAS_BIAS: tl.constexpr,
                   HAS_PENALTIES: tl.constexpr, TILE: tl.constexpr,
                   SEGMENT: tl.constexpr, CHUNK_TILES: tl.constexpr):
-    """One chunk of a row: with ``STATS``, the max of the edited logits and
-    (``SIGMA``) the count, sum and sum of squares of the finite ones; with
-    ``LOGPROBS``, the raw logits' max and sum(exp(x - max)), and each
+    """One chunk of a row: with ``STATS``, the max of the edited logits,
+    (``SIGMA``) the count, sum and sum of squares of the finite ones and
+    (``SEGMENTS``) each segment's edited max at ``edited_segment_max_ptr``;
+    with ``LOGPROBS``, the raw logits' max and sum(exp(x - max)), and each
     segment's max at ``segment_max_ptr``."""
     ROWS: tl.constexpr = TILE // SEGMENT
     row = tl.program_id(0)
@@ -183,11 +191,13 @@ def _stats_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
     # lies within a few σ of the mean, so E[d²] - E[d]² cancels little.
     first = tl.load(x_row).to(tl.float32)
     shift = tl.where(tl.abs(first) < float("inf"), first, 0.0)
-    edited_max = tl.full([ROWS, SEGMENT], float("-inf"), tl.float32)
+    edited_max = tl.full([ROWS], float("-inf"), tl.float32)
     count = tl.zeros([ROWS, SEGMENT], tl.float32)
     total = tl.zeros([ROWS, SEGMENT], tl.float32)
     squares = tl.zeros([ROWS, SEGMENT], tl.float32)
-    raw_max = tl.full([ROWS, SEGMENT], float("-inf"), tl.float32)
+    # sum(exp(raw - raw_max)) per lane, raw_max the chunk's max so far: one
+    # exp per logit, the rescale once per tile.
+    raw_max = tl.full([], float("-inf"), tl.float32)
     sum_exp = tl.zeros([ROWS, SEGMENT], tl.float32)
     row_start = row.to(tl.int64) * vocab_size
     entry = bias_lo
@@ -198,25 +208,32 @@ def _stats_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
         start = chunk_start + tile * TILE
         raw = x_next
         x_next = _load(x_row, start + TILE + cols, end)
+        segments = start // SEGMENT + tl.arange(0, ROWS)
         if LOGPROBS:
-            new_max = tl.maximum(raw_max, raw)
-            # A lane still at -inf holds 0 (not exp(-inf - -inf) = NaN).
-            sum_exp = tl.where(
-                new_max == float("-inf"), 0.0,
-                sum_exp * tl.exp(raw_max - new_max) + tl.exp(raw - new_max))
-            raw_max = new_max
-            segments = start // SEGMENT + tl.arange(0, ROWS)
+            segment_max = tl.max(raw, axis=1)
             tl.store(segment_max_ptr + row.to(tl.int64) * num_segments +
                      segments,
-                     tl.max(raw, axis=1),
+                     segment_max,
                      mask=segments < num_segments)
+            new_max = tl.maximum(raw_max, tl.max(segment_max, axis=0))
+            if new_max > float("-inf"):  # else every logit so far is -inf
+                sum_exp = (sum_exp * tl.exp(raw_max - new_max) +
+                           tl.exp(raw - new_max))
+                raw_max = new_max
         if STATS:
-            x, entry, next_col = _edit(
-                raw, start + cols, start, row_start, vocab_size, bias_keys_ptr,
-                bias_values_ptr, entry, next_col, bias_hi, slot, seen_ptr,
-                seen_stride, counts_ptr, presence, frequency, repetition,
-                HAS_BIAS, HAS_PENALTIES, TILE)
-            edited_max = tl.maximum(edited_max, x)
+            x, entry, next_col = _edit(raw, start + cols, start, start + TILE,
+                                       row_start, vocab_size, bias_keys_ptr,
+                                       bias_values_ptr, entry, next_col,
+                                       bias_hi, slot, seen_ptr, seen_stride,
+                                       counts_ptr, presence, frequency,
+                                       repetition, HAS_BIAS, HAS_PENALTIES)
+            edited_segment_max = tl.max(x, axis=1)
+            edited_max = tl.maximum(edited_max, edited_segment_max)
+            if SEGMENTS:
+                tl.store(edited_segment_max_ptr +
+                         row.to(tl.int64) * num_segments + segments,
+                         edited_segment_max,
+                         mask=segments < num_segments)
             if SIGMA:
                 finite = tl.abs(x) < float("inf")
                 d = tl.where(finite, x - shift, 0.0)
@@ -224,14 +241,12 @@ def _stats_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
                 total += d
                 squares += d * d
     out = stats_ptr + (row.to(tl.int64) * num_chunks + chunk) * 6
-    tl.store(out, tl.max(tl.max(edited_max, axis=1), axis=0))
+    tl.store(out, tl.max(edited_max, axis=0))
     tl.store(out + 1, tl.sum(tl.sum(count, axis=1), axis=0))
     tl.store(out + 2, tl.sum(tl.sum(total, axis=1), axis=0))
     tl.store(out + 3, tl.sum(tl.sum(squares, axis=1), axis=0))
-    chunk_max = tl.max(tl.max(raw_max, axis=1), axis=0)
-    scale = tl.where(raw_max == float("-inf"), 0.0, tl.exp(raw_max - chunk_max))
-    tl.store(out + 4, chunk_max)
-    tl.store(out + 5, tl.sum(tl.sum(sum_exp * scale, axis=1), axis=0))
+    tl.store(out + 4, raw_max)
+    tl.store(out + 5, tl.sum(tl.sum(sum_exp, axis=1), axis=0))
 
 
 @triton.jit
@@ -318,34 +333,63 @@ def _top_k(x_row, vocab_size, segment_max_row, num_segments, k, row_max,
 
 
 @triton.jit
-def _log_q(r0, r1, r2, r3, TILE: tl.constexpr):
-    """log q, q ~ Exp(1), from Philox's four outputs for TILE // 4
-    counters: column 4 c + j of the tile takes output j of counter c."""
-    bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [TILE])
+def _log_q(r0, r1, r2, r3, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """log q, q ~ Exp(1), [ROWS, COLS] from Philox's four outputs for
+    [ROWS, COLS // 4] counters: column 4 c + j of a row takes output j of
+    its counter c."""
+    bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [ROWS, COLS])
     # u in (0, 1), never 0 or 1: q = -log u is finite and positive.
     u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
     return tl.log(-tl.log(u))
 
 
 # ------------------------------------------------------------------ sample
+@triton.jit
+def _read_segments(x_row, b, first_segment, order, num_read, num_segments,
+                   vocab_size, CANDIDATES: tl.constexpr, ROWS: tl.constexpr,
+                   SEGMENT: tl.constexpr, CHUNK_SEGMENTS: tl.constexpr):
+    """Block ``b`` of the chunk's segments to read: the ``ROWS`` segments
+    from the ``b``-th (of ``order`` with ``CANDIDATES``, else of the
+    chunk), their columns [ROWS, SEGMENT] and logits. Past ``num_read``, a
+    segment past the row (num_segments), its logits -inf."""
+    i = b + tl.arange(0, ROWS)
+    if CANDIDATES:
+        segments = first_segment + tl.gather(
+            order, tl.minimum(i, CHUNK_SEGMENTS - 1), 0)
+    else:
+        segments = first_segment + i
+    segments = tl.where(i < num_read, segments, num_segments)
+    cols = segments[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
+    return segments, cols, _load(x_row, cols, vocab_size)
+
+
 @triton.jit(do_not_specialize=["seed"])
-def _draw_kernel(
-        x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
-        top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr, seeded_index_ptr, seed,
-        bias_keys_ptr, bias_values_ptr, bias_starts_ptr, row_slots_ptr,
-        seen_ptr, seen_stride, counts_ptr, presence_ptr, frequency_ptr,
-        repetition_ptr, stats_ptr, num_chunks, best_ptr, best_col_ptr,
-        HAS_THRESHOLD: tl.constexpr, TOP_N_SIGMA: tl.constexpr,
-        MIN_P: tl.constexpr, HAS_SEEDED: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_PENALTIES: tl.constexpr, TILE: tl.constexpr, COUNTERS: tl.constexpr,
-        CHUNK_TILES: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
+                 top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr, seeded_index_ptr,
+                 seed, bias_keys_ptr, bias_values_ptr, bias_starts_ptr,
+                 row_slots_ptr, seen_ptr, seen_stride, counts_ptr, presence_ptr,
+                 frequency_ptr, repetition_ptr, stats_ptr, num_chunks,
+                 edited_segment_max_ptr, num_segments, best_ptr, best_col_ptr,
+                 HAS_THRESHOLD: tl.constexpr, TOP_N_SIGMA: tl.constexpr,
+                 MIN_P: tl.constexpr, CANDIDATES: tl.constexpr,
+                 HAS_SEEDED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_PENALTIES: tl.constexpr, TILE: tl.constexpr,
+                 SEGMENT: tl.constexpr, CHUNK_TILES: tl.constexpr,
+                 CHUNKS_POW2: tl.constexpr):
     """One chunk of a row: the best score x - T log q over its kept edited
-    logits, and its column (the first of equal ones)."""
+    logits, and its column (the first of equal ones).
+
+    With ``CANDIDATES`` (each segment's edited max, from ``_stats_kernel``)
+    it reads only the segments whose max reaches the row's threshold: a
+    row truncated by top-nσ or min_p, or a greedy one, keeps few logits, so
+    most of its chunks read none. Else every segment of the chunk. Either
+    way in column order, blocks of ``TILE // SEGMENT`` segments."""
+    ROWS: tl.constexpr = TILE // SEGMENT
+    CHUNK_SEGMENTS: tl.constexpr = CHUNK_TILES * ROWS
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     x_row = x_ptr + row.to(tl.int64) * row_stride
-    chunk_start = chunk * (CHUNK_TILES * TILE)
-    end = tl.minimum(vocab_size, chunk_start + CHUNK_TILES * TILE)
+    first_segment = chunk * CHUNK_SEGMENTS
     temperature = tl.load(temperature_ptr + row)
     bias_lo, bias_hi, slot, presence, frequency, repetition = _edit_params(
         row, bias_starts_ptr, row_slots_ptr, presence_ptr, frequency_ptr,
@@ -370,54 +414,82 @@ def _draw_kernel(
                 threshold,
                 tl.where(min_p > 0.0, row_max + temperature * tl.log(min_p),
                          float("-inf")))
+        # A greedy row's argmax is among its max values: a segment or two.
+        threshold = tl.where(temperature > 0.0, threshold,
+                             tl.maximum(threshold, row_max))
 
-    # Philox counters: COUNTERS per tile of each row of the batch, so each
-    # logit's noise depends only on the seed, its row and its column; a
-    # seeded row has its own key and counts from 0 (column // 4).
-    tiles_per_row = tl.cdiv(vocab_size, TILE)
-    row_counter = row.to(tl.int64) * tiles_per_row * COUNTERS
+    # The segments to read: the kept ones first, in column order.
+    order = 0
+    if CANDIDATES:
+        index = tl.arange(0, CHUNK_SEGMENTS)
+        segment_max = tl.load(edited_segment_max_ptr +
+                              row.to(tl.int64) * num_segments + first_segment +
+                              index,
+                              mask=first_segment + index < num_segments,
+                              other=float("-inf"))
+        keep = segment_max >= threshold
+        num_read = tl.sum(keep.to(tl.int32), axis=0)
+        order = tl.sort(tl.where(keep, index, CHUNK_SEGMENTS + index))
+    else:
+        num_read = tl.minimum(CHUNK_SEGMENTS, num_segments - first_segment)
+
+    # Philox counters: each logit's noise depends only on the seed, its row
+    # and its column (counter column // 4, output column % 4); a seeded row
+    # has its own key and counts from 0.
+    row_counter = row.to(tl.int64) * tl.cdiv(vocab_size, TILE) * (TILE // 4)
     key = seed.to(tl.int64)
     if HAS_SEEDED:
         seeded_index = tl.load(seeded_index_ptr + row)
         if seeded_index >= 0:
             key = tl.load(seeded_keys_ptr + seeded_index)
             row_counter = row_counter * 0
-    row_counter += tl.arange(0, COUNTERS)
-    cols = tl.arange(0, TILE)
+    counter_cols = tl.arange(0, SEGMENT // 4)[None, :]
     # Per lane: the best score so far and its column.
-    best = tl.full([TILE], float("-inf"), tl.float32)
-    best_col = tl.zeros([TILE], tl.int32) + chunk_start
+    best = tl.full([ROWS, SEGMENT], float("-inf"), tl.float32)
+    best_col = tl.zeros([ROWS, SEGMENT], tl.int32) + first_segment * SEGMENT
     row_start = row.to(tl.int64) * vocab_size
     entry = bias_lo
     next_col = _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
                                   HAS_BIAS)
-    x_next = _load(x_row, chunk_start + cols, end)
-    for tile in range(CHUNK_TILES):
-        start = chunk_start + tile * TILE
-        x = x_next
-        x_next = _load(x_row, start + TILE + cols, end)
-        x, entry, next_col = _edit(x, start + cols, start, row_start,
-                                   vocab_size, bias_keys_ptr, bias_values_ptr,
-                                   entry, next_col, bias_hi, slot, seen_ptr,
-                                   seen_stride, counts_ptr, presence, frequency,
-                                   repetition, HAS_BIAS, HAS_PENALTIES, TILE)
+    # The next block's logits load while this one's are used.
+    segments_next, cols_next, x_next = _read_segments(x_row, 0, first_segment,
+                                                      order, num_read,
+                                                      num_segments, vocab_size,
+                                                      CANDIDATES, ROWS, SEGMENT,
+                                                      CHUNK_SEGMENTS)
+    for b in range(0, num_read, ROWS):
+        segments, cols, x = segments_next, cols_next, x_next
+        segments_next, cols_next, x_next = _read_segments(
+            x_row, b + ROWS, first_segment, order, num_read, num_segments,
+            vocab_size, CANDIDATES, ROWS, SEGMENT, CHUNK_SEGMENTS)
+        read = segments < num_segments
+        x, entry, next_col = _edit(
+            x, cols,
+            tl.min(segments, axis=0) * SEGMENT,
+            (tl.max(tl.where(read, segments, -1), axis=0) + 1) * SEGMENT,
+            row_start, vocab_size, bias_keys_ptr, bias_values_ptr, entry,
+            next_col, bias_hi, slot, seen_ptr, seen_stride, counts_ptr,
+            presence, frequency, repetition, HAS_BIAS, HAS_PENALTIES)
         x = tl.where(x >= threshold, x, float("-inf"))
-        # Truncated rows keep few logits: skip the noise of tiles without.
-        if tl.max(x, axis=0) > float("-inf"):
+        # Truncated rows keep few logits: skip the noise of blocks without.
+        if tl.max(tl.max(x, axis=1), axis=0) > float("-inf"):
             score = x  # greedy rows (T = 0) take the argmax
             if temperature > 0.0:
                 r0, r1, r2, r3 = tl.randint4x(
-                    key, row_counter + (start // TILE) * COUNTERS)
+                    key, row_counter + segments[:, None].to(tl.int64) *
+                    (SEGMENT // 4) + counter_cols)
                 # -inf logits stay -inf.
-                score = x - temperature * _log_q(r0, r1, r2, r3, TILE)
+                score = x - temperature * _log_q(r0, r1, r2, r3, ROWS, SEGMENT)
             better = score > best  # strictly: the first of equal ones wins
             best = tl.where(better, score, best)
-            best_col = tl.where(better, start + cols, best_col)
-    top = tl.max(best, axis=0)
+            best_col = tl.where(better, cols, best_col)
+    top = tl.max(tl.max(best, axis=1), axis=0)
     at = row.to(tl.int64) * num_chunks + chunk
     tl.store(best_ptr + at, top)
-    tl.store(best_col_ptr + at,
-             tl.min(tl.where(best == top, best_col, vocab_size), axis=0))
+    tl.store(
+        best_col_ptr + at,
+        tl.min(tl.min(tl.where(best == top, best_col, vocab_size), axis=1),
+               axis=0))
 
 
 @triton.jit(do_not_specialize=["k"])
@@ -516,12 +588,18 @@ def _num_chunks(vocab_size: int) -> int:
     return triton.cdiv(vocab_size, _CHUNK_TILES * _TILE)
 
 
-def _stats(x: torch.Tensor, bias: "LogitBias | None",
-           penalties: "PenaltyCounts | None", stats: bool, sigma: bool,
-           logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _stats(
+    x: torch.Tensor,
+    bias: "LogitBias | None",
+    penalties: "PenaltyCounts | None",
+    stats: bool,
+    sigma: bool,
+    logprobs: bool,
+    segments: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch ``_stats_kernel`` on ``x`` (columns contiguous). -> the
-    per-chunk statistics [N, chunks, _NUM_STATS] and, with ``logprobs``,
-    the segment maxima [N, segments]."""
+    per-chunk statistics [N, chunks, _NUM_STATS], with ``logprobs`` the raw
+    segment maxima [N, segments] and with ``segments`` the edited ones."""
     num_rows, vocab_size = x.shape
     num_chunks = _num_chunks(vocab_size)
     num_segments = _num_segments(vocab_size)
@@ -530,12 +608,14 @@ def _stats(x: torch.Tensor, bias: "LogitBias | None",
                       _NUM_STATS,
                       dtype=torch.float32,
                       device=x.device)
-    segment_max = None
-    if logprobs:
-        segment_max = torch.empty(num_rows,
-                                  num_segments,
-                                  dtype=torch.float32,
-                                  device=x.device)
+
+    def segment_maxima(wanted: bool) -> torch.Tensor | None:
+        return torch.empty(
+            num_rows, num_segments, dtype=torch.float32,
+            device=x.device) if wanted else None
+
+    segment_max = segment_maxima(logprobs)
+    edited_segment_max = segment_maxima(segments)
     _stats_kernel[(num_rows, num_chunks)](x,
                                           x.stride(0),
                                           vocab_size,
@@ -543,9 +623,11 @@ def _stats(x: torch.Tensor, bias: "LogitBias | None",
                                           out,
                                           num_chunks,
                                           segment_max,
+                                          edited_segment_max,
                                           num_segments,
                                           STATS=stats,
                                           SIGMA=sigma,
+                                          SEGMENTS=segments,
                                           LOGPROBS=logprobs,
                                           HAS_BIAS=bias is not None,
                                           HAS_PENALTIES=penalties is not None,
@@ -553,7 +635,7 @@ def _stats(x: torch.Tensor, bias: "LogitBias | None",
                                           SEGMENT=_SEGMENT,
                                           CHUNK_TILES=_CHUNK_TILES,
                                           num_warps=_NUM_WARPS)
-    return out, segment_max
+    return out, segment_max, edited_segment_max
 
 
 def _finish(x: torch.Tensor, tokens: torch.Tensor,
@@ -632,10 +714,13 @@ def sample(
     assert (seeded_keys is None) == (seeded_index is None)
     rules = top_n_sigma is not None or min_p is not None
     logprobs = num_logprobs is not None
-    stats = segment_max = None
+    stats = segment_max = edited_segment_max = None
     if rules or logprobs:
-        stats, segment_max = _stats(x, bias, penalties, rules, top_n_sigma
-                                    is not None, logprobs)
+        # With a rule, the draw reads only the segments that reach it.
+        stats, segment_max, edited_segment_max = _stats(x, bias, penalties,
+                                                        rules, top_n_sigma
+                                                        is not None, logprobs,
+                                                        rules)
     num_chunks = _num_chunks(vocab_size)
     best = torch.empty(num_rows,
                        num_chunks,
@@ -659,16 +744,19 @@ def sample(
                                *_edit_args(bias, penalties),
                                stats,
                                num_chunks,
+                               edited_segment_max,
+                               _num_segments(vocab_size),
                                best,
                                best_col,
                                HAS_THRESHOLD=threshold is not None,
                                TOP_N_SIGMA=top_n_sigma is not None,
                                MIN_P=min_p is not None,
+                               CANDIDATES=rules,
                                HAS_SEEDED=seeded_keys is not None,
                                HAS_BIAS=bias is not None,
                                HAS_PENALTIES=penalties is not None,
                                TILE=_TILE,
-                               COUNTERS=_COUNTERS,
+                               SEGMENT=_SEGMENT,
                                CHUNK_TILES=_CHUNK_TILES,
                                CHUNKS_POW2=triton.next_power_of_2(num_chunks),
                                num_warps=_NUM_WARPS)
@@ -740,12 +828,11 @@ def _edit_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
     x = tl.load(x_at, mask=mask, other=0.0)
     row_start = row.to(tl.int64) * vocab_size
     x, _, _ = _edit(
-        x, cols, start, row_start, vocab_size, bias_keys_ptr, bias_values_ptr,
-        bias_lo,
+        x, cols, start, start + BLOCK, row_start, vocab_size, bias_keys_ptr,
+        bias_values_ptr, bias_lo,
         _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
                            HAS_BIAS), bias_hi, slot, seen_ptr, seen_stride,
-        counts_ptr, presence, frequency, repetition, HAS_BIAS, HAS_PENALTIES,
-        BLOCK)
+        counts_ptr, presence, frequency, repetition, HAS_BIAS, HAS_PENALTIES)
     tl.store(x_at, x, mask=mask)
 
 
@@ -788,7 +875,7 @@ def row_stats(x: torch.Tensor,
     standard deviation of its finite values [N] float32, in one pass."""
     x = _columns_contiguous(x)
     num_rows, vocab_size = x.shape
-    stats, _ = _stats(x, None, None, True, sigma, False)
+    stats, _, _ = _stats(x, None, None, True, sigma, False)
     out = torch.empty(2, num_rows, dtype=torch.float32, device=x.device)
     num_chunks = _num_chunks(vocab_size)
     _row_stats_kernel[(num_rows, )](
@@ -816,7 +903,7 @@ def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     """
     logits = _columns_contiguous(logits)
     num_rows = logits.shape[0]
-    stats, segment_max = _stats(logits, None, None, False, False, True)
+    stats, segment_max, _ = _stats(logits, None, None, False, False, True)
     outputs = _finish(logits,
                       token_ids.to(torch.int64).reshape(num_rows).contiguous(),
                       None, stats, segment_max, k)
