@@ -414,20 +414,22 @@ def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
                 threshold,
                 tl.where(min_p > 0.0, row_max + temperature * tl.log(min_p),
                          float("-inf")))
-        # A greedy row's argmax is among its max values: a segment or two.
-        threshold = tl.where(temperature > 0.0, threshold,
-                             tl.maximum(threshold, row_max))
 
     # The segments to read: the kept ones first, in column order.
     order = 0
     if CANDIDATES:
+        # A greedy row's argmax lies in the segments holding its max. Only
+        # the segments are chosen by it: the logits read are compared with
+        # the threshold alone, as without CANDIDATES.
+        read_from = tl.where(temperature > 0.0, threshold,
+                             tl.maximum(threshold, row_max))
         index = tl.arange(0, CHUNK_SEGMENTS)
         segment_max = tl.load(edited_segment_max_ptr +
                               row.to(tl.int64) * num_segments + first_segment +
                               index,
                               mask=first_segment + index < num_segments,
                               other=float("-inf"))
-        keep = segment_max >= threshold
+        keep = segment_max >= read_from
         num_read = tl.sum(keep.to(tl.int32), axis=0)
         order = tl.sort(tl.where(keep, index, CHUNK_SEGMENTS + index))
     else:
