@@ -415,7 +415,9 @@ def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
                 tl.where(min_p > 0.0, row_max + temperature * tl.log(min_p),
                          float("-inf")))
 
-    # The segments to read: the kept ones first, in column order.
+    # The segments to read: with CANDIDATES, the chunk's segment indices
+    # sorted kept-first (in column order), num_read of them kept; else the
+    # first num_read segments of the chunk (``order`` unused).
     order = 0
     if CANDIDATES:
         # A greedy row's argmax lies in the segments holding its max. Only
