@@ -371,21 +371,21 @@ def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
                  frequency_ptr, repetition_ptr, stats_ptr, num_chunks,
                  edited_segment_max_ptr, num_segments, best_ptr, best_col_ptr,
                  HAS_THRESHOLD: tl.constexpr, TOP_N_SIGMA: tl.constexpr,
-                 MIN_P: tl.constexpr, CANDIDATES: tl.constexpr,
-                 HAS_SEEDED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_PENALTIES: tl.constexpr, TILE: tl.constexpr,
-                 SEGMENT: tl.constexpr, CHUNK_TILES: tl.constexpr,
-                 CHUNKS_POW2: tl.constexpr):
+                 MIN_P: tl.constexpr, HAS_SEEDED: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_PENALTIES: tl.constexpr,
+                 TILE: tl.constexpr, SEGMENT: tl.constexpr,
+                 CHUNK_TILES: tl.constexpr, CHUNKS_POW2: tl.constexpr):
     """One chunk of a row: the best score x - T log q over its kept edited
     logits, and its column (the first of equal ones).
 
-    With ``CANDIDATES`` (each segment's edited max, from ``_stats_kernel``)
-    it reads only the segments whose max reaches the row's threshold: a
+    With a top-nσ or min_p rule (each segment's edited max then comes
+    from ``_stats_kernel``) it reads only the segments whose max reaches the row's threshold: a
     row truncated by top-nσ or min_p, or a greedy one, keeps few logits, so
     most of its chunks read none. Else every segment of the chunk. Either
     way in column order, blocks of ``TILE // SEGMENT`` segments."""
     ROWS: tl.constexpr = TILE // SEGMENT
     CHUNK_SEGMENTS: tl.constexpr = CHUNK_TILES * ROWS
+    CANDIDATES: tl.constexpr = TOP_N_SIGMA or MIN_P
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     x_row = x_ptr + row.to(tl.int64) * row_stride
@@ -755,7 +755,6 @@ def sample(
                                HAS_THRESHOLD=threshold is not None,
                                TOP_N_SIGMA=top_n_sigma is not None,
                                MIN_P=min_p is not None,
-                               CANDIDATES=rules,
                                HAS_SEEDED=seeded_keys is not None,
                                HAS_BIAS=bias is not None,
                                HAS_PENALTIES=penalties is not None,
