@@ -378,11 +378,12 @@ def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
     """One chunk of a row: the best score x - T log q over its kept edited
     logits, and its column (the first of equal ones).
 
-    With a top-nσ or min_p rule (each segment's edited max then comes
-    from ``_stats_kernel``) it reads only the segments whose max reaches the row's threshold: a
-    row truncated by top-nσ or min_p, or a greedy one, keeps few logits, so
-    most of its chunks read none. Else every segment of the chunk. Either
-    way in column order, blocks of ``TILE // SEGMENT`` segments."""
+    With a top-nσ or min_p rule (each segment's edited max then comes from
+    ``_stats_kernel``) it reads only the segments whose max reaches the
+    row's threshold: a row truncated by top-nσ or min_p, or a greedy one,
+    keeps few logits, so most of its chunks read none. Else every segment
+    of the chunk. Either way in column order, blocks of ``TILE // SEGMENT``
+    segments."""
     ROWS: tl.constexpr = TILE // SEGMENT
     CHUNK_SEGMENTS: tl.constexpr = CHUNK_TILES * ROWS
     CANDIDATES: tl.constexpr = TOP_N_SIGMA or MIN_P
