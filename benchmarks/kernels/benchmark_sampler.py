@@ -21,9 +21,10 @@ the "stateless prepare" row builds every tensor at every step with
 ``SamplingMetadata.prepare`` instead. Steps are timed with CUDA events (on
 CPU: ``time.perf_counter``) after warm-up steps; the table shows the median
 and the 10th / 90th percentiles of the repeats, the host time of
-``prepare`` alone, and that of the ``Sampler`` call (on a GPU: CUDA events
+``prepare`` alone, that of the ``Sampler`` call (on a GPU: CUDA events
 around its launches, the device time of its kernels when the host keeps
-ahead of them). The engine runs ``prepare`` while the GPU still computes
+ahead of them), the host time of that call ("launch": on a GPU, its
+launches) and of ``to_host`` (copies, wait, lists). The engine runs ``prepare`` while the GPU still computes
 the model's forward pass, so on a GPU the host part is partly hidden in a
 real step.
 """
@@ -175,6 +176,10 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
     # device time of its kernels, when the host launches them faster than
     # they run); on CPU, its time.
     sampler_times: list[tuple[Any, Any]] = []
+    # Host time of the Sampler call (its launches) and of to_host (the
+    # copies, the wait for the device, the lists).
+    launch_ms: list[float] = []
+    to_host_ms: list[float] = []
 
     def step() -> list[int]:
         t0 = time.perf_counter()
@@ -185,7 +190,9 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
             enable_timing=True) if use_cuda else time.perf_counter()
         if use_cuda:
             before.record()
+        t1 = time.perf_counter()
         out = sampler(logits, metadata)
+        launch_ms.append((time.perf_counter() - t1) * 1e3)
         after = torch.cuda.Event(
             enable_timing=True) if use_cuda else time.perf_counter()
         if use_cuda:
@@ -193,7 +200,10 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
         sampler_times.append((before, after))
         if keep_state:
             state.sampled(out.sampled_token_ids)
-        return out.to_host()[0]
+        t2 = time.perf_counter()
+        sampled = out.to_host()[0]
+        to_host_ms.append((time.perf_counter() - t2) * 1e3)
+        return sampled
 
     def next_step(sampled: list[int]) -> None:
         for seq, token in zip(seqs, sampled):
@@ -203,14 +213,12 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
 
     for _ in range(args.warmup):
         next_step(step())
-    if use_cuda:
-        torch.cuda.synchronize()
-    prepare_ms.clear()
-    sampler_times.clear()
-
     if args.profile:
         profile_steps(lambda: next_step(step()), use_cuda)
-        sampler_times.clear()
+    if use_cuda:
+        torch.cuda.synchronize()
+    for times in (prepare_ms, sampler_times, launch_ms, to_host_ms):
+        times.clear()
 
     step_ms: list[float] = []
     for _ in range(args.repeats):
@@ -235,6 +243,8 @@ def bench_config(make_params: Callable[[int, int], SamplingParams],
         "p90_ms": percentile(step_ms, 0.9),
         "prepare_host_median_ms": statistics.median(prepare_ms),
         "sampler_median_ms": statistics.median(sampler_ms),
+        "sampler_host_median_ms": statistics.median(launch_ms),
+        "to_host_median_ms": statistics.median(to_host_ms),
     }
 
 
@@ -318,13 +328,16 @@ def main() -> None:
         result["vs_greedy"] = result["median_ms"] / base
 
     header = (f"{'config':<32}{'median ms':>11}{'p10 ms':>9}{'p90 ms':>9}"
-              f"{'prepare ms':>12}{'sampler ms':>12}{'x greedy':>10}")
+              f"{'prepare ms':>12}{'sampler ms':>12}{'launch ms':>11}"
+              f"{'to_host ms':>12}{'x greedy':>10}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         print(f"{name:<32}{r['median_ms']:>11.3f}{r['p10_ms']:>9.3f}"
               f"{r['p90_ms']:>9.3f}{r['prepare_host_median_ms']:>12.3f}"
-              f"{r['sampler_median_ms']:>12.3f}{r['vs_greedy']:>10.2f}")
+              f"{r['sampler_median_ms']:>12.3f}"
+              f"{r['sampler_host_median_ms']:>11.3f}"
+              f"{r['to_host_median_ms']:>12.3f}{r['vs_greedy']:>10.2f}")
     if "all features" in results:
         print("all features / greedy: "
               f"{results['all features']['vs_greedy']:.2f}x")
