@@ -11,6 +11,7 @@ interpreter needs numpy < 2.4)::
 
 Skipped without triton.
 """
+import dataclasses
 import os
 from typing import Any
 
@@ -525,6 +526,92 @@ def test_sampler_keeps_greedy_and_seeded_tokens(monkeypatch, with_top_k,
     assert torch.equal(lp.selected_token_ranks[same],
                        expected_lp.selected_token_ranks[same])
     torch.testing.assert_close(lp.logprobs[same], expected_lp.logprobs[same])
+
+
+def prepare(state: SamplingState, params: list[SamplingParams], rows: list[int],
+            outputs: list[list[int]], prompts: list[list[int]],
+            vocab_size: int) -> Any:
+    """``state.prepare`` for rows ``rows`` of the lists, as the engine
+    calls it: seeded rows with a host generator and their seed as key."""
+    chosen = [params[r] for r in rows]
+    return state.prepare(
+        rows,
+        chosen, [
+            None if p.seed is None else torch.Generator().manual_seed(p.seed)
+            for p in chosen
+        ], [outputs[r] for r in rows], [prompts[r] for r in rows],
+        vocab_size,
+        seed_keys=[p.seed for p in chosen])
+
+
+def assert_same_counts(state: SamplingState, other: SamplingState,
+                       rows: list[int], params: list[SamplingParams]) -> None:
+    """The two states hold the same slots, counts and seen bits."""
+    assert state._counts is not None and other._counts is not None
+    assert state._seen is not None and other._seen is not None
+    for r in rows:
+        slot = state._slot_of[r]
+        assert slot == other._slot_of[r]
+        if params[r].has_penalties:
+            assert torch.equal(state._counts[slot], other._counts[slot]), r
+            assert torch.equal(state._seen[slot], other._seen[slot]), r
+
+
+def test_sampler_records_the_step(monkeypatch):
+    """Over several steps, with the batch changing: the fused sampler adds
+    each penalised row's token to SamplingState's counts and writes each
+    seeded row's next key (``StepRecord``), so the next ``prepare`` uploads
+    nothing; the counts, the keys and the greedy and seeded rows' tokens
+    equal those of a state that reads every new token from the outputs."""
+    num_rows, vocab_size = (6, 300) if INTERPRET else (6, 151_936)
+    params = [
+        SamplingParams(temperature=0.0, frequency_penalty=0.4),
+        SamplingParams(min_p=0.05, presence_penalty=0.5, seed=11, logprobs=2),
+        SamplingParams(top_n_sigma=1.5,
+                       repetition_penalty=1.3,
+                       logit_bias={7: 3.0}),
+        SamplingParams(temperature=0.8, seed=12),
+        SamplingParams(temperature=1.1, logprobs=1),
+        SamplingParams(temperature=0.0, repetition_penalty=1.2, seed=13),
+    ]
+    use_kernels(monkeypatch, True)
+    recorded, plain = SamplingState(DEVICE), SamplingState(DEVICE)
+    prompts = [[row + 1, 2 * row + 3] for row in range(num_rows)]
+    outputs: list[list[int]] = [[row] for row in range(num_rows)]
+    gen = torch.Generator().manual_seed(9)
+    last_rows: list[int] = []
+    last_record = None
+    # Row 4 leaves at step 2 and comes back at step 4.
+    for step in range(6):
+        rows = [r for r in range(num_rows) if step not in (2, 3) or r != 4]
+        logits = (torch.randn(len(rows), vocab_size, generator=gen) *
+                  3).to(DEVICE)
+
+        md = prepare(recorded, params, rows, outputs, prompts, vocab_size)
+        plain_md = dataclasses.replace(prepare(plain, params, rows, outputs,
+                                               prompts, vocab_size),
+                                       record=None)
+        assert md.record is not None and not md.record.done
+        if rows == last_rows:  # the keys the sampler wrote, not uploaded
+            assert md.seeded_keys is last_record.next_keys
+        last_rows, last_record = rows, md.record
+        assert_same_counts(recorded, plain, rows, params)
+        out = Sampler()(logits, md)
+        assert md.record.done
+        recorded.sampled(out.sampled_token_ids)
+        tokens, _ = out.to_host()
+        # The plain state reads each new token from the outputs.
+        expected, _ = Sampler()(logits, plain_md).to_host()
+        assert md.seeded_keys is not None and plain_md.seeded_keys is not None
+        assert torch.equal(md.seeded_keys, plain_md.seeded_keys), step
+        for i, r in enumerate(rows):
+            if params[r].temperature == 0.0 or params[r].seed is not None:
+                assert tokens[i] == expected[i], (step, r)
+            outputs[r].append(tokens[i])
+    # The next prepare takes the last step's record.
+    prepare(recorded, params, rows, outputs, prompts, vocab_size)
+    prepare(plain, params, rows, outputs, prompts, vocab_size)
+    assert_same_counts(recorded, plain, rows, params)
 
 
 def test_tiny_top_n_sigma_draws_the_edited_argmax(monkeypatch):

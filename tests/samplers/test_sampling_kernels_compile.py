@@ -35,7 +35,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from vllm.model_executor.layers.ops import (  # noqa: E402
     sampling_kernels as kernels)
 from vllm.model_executor.sampling_metadata import (  # noqa: E402
-    LogitBias, PenaltyCounts, seen_words)
+    LogitBias, PenaltyCounts, StepRecord, seen_words)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 _POINTEE = {
@@ -160,18 +160,21 @@ def _wrapper_calls() -> Iterator[tuple[str, Callable[[], Any]]]:
     bias, penalties = _edits()
 
     def sample_with_every_edit(rules: bool) -> Any:
-        return kernels.sample(logits,
-                              temperature,
-                              1 << 40,
-                              threshold=rule,
-                              top_n_sigma=rule if rules else None,
-                              min_p=rule if rules else None,
-                              seeded_keys=seeded_keys,
-                              seeded_index=seeded_index,
-                              bias=bias,
-                              penalties=penalties,
-                              num_logprobs=5)
+        return kernels.sample(
+            logits,
+            temperature,
+            1 << 40,
+            threshold=rule,
+            top_n_sigma=rule if rules else None,
+            min_p=rule if rules else None,
+            seeded_keys=seeded_keys,
+            seeded_index=seeded_index,
+            bias=bias,
+            penalties=penalties,
+            num_logprobs=5,
+            record=StepRecord(torch.empty_like(seeded_keys)) if rules else None)
 
+    # The engine's all-features step: it also records the step.
     yield "sample, rules", lambda: sample_with_every_edit(True)
     yield "sample, no rules", lambda: sample_with_every_edit(False)
     yield "sample, plain", lambda: kernels.sample(logits, temperature, 3)

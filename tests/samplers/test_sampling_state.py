@@ -251,6 +251,14 @@ def test_engine_path_never_syncs(device: str):
             SamplingParams(temperature=0.0, frequency_penalty=0.5),
             bad,
         ],
+        # no top-k / top-p: the fused kernels, which record the step
+        "fused": [
+            SamplingParams(min_p=0.05, presence_penalty=0.5, seed=4,
+                           logprobs=2),
+            SamplingParams(top_n_sigma=1.0, repetition_penalty=1.2),
+            SamplingParams(temperature=0.0, frequency_penalty=0.5, logprobs=1),
+            SamplingParams(temperature=0.9, seed=5),
+        ],
         # an untruncated row: the whole-vocabulary draw, kept for a recheck
         "whole": [
             SamplingParams(temperature=0.9, seed=3),

@@ -64,6 +64,20 @@ def seen_words(vocab_size: int) -> int:
 
 
 @dataclass
+class StepRecord:
+    """``SamplingState``'s request that the sampler bring its device state
+    up to date for the next step, where it picks each row's token: add the
+    token of each penalised row to ``PenaltyCounts`` (count and seen bit),
+    and write each seeded row's key for its next step into ``next_keys``
+    ([S] int64, ``step_keys`` of one step more; the step's own keys are
+    left as they are). The fused kernels do both and set ``done``; on
+    other paths (a recheck may still change a token) ``done`` stays False
+    and ``SamplingState`` does it at the next ``prepare``."""
+    next_keys: torch.Tensor | None  # None: no seeded row
+    done: bool = False
+
+
+@dataclass
 class LogitBias:
     """Each request's logit_bias, in order of row, then of token id."""
     keys: torch.Tensor  # [B] int64: row * vocab_size + token id, each once
@@ -150,6 +164,8 @@ class SamplingMetadata:
     # Kept as lists for the logits processors.
     output_token_ids: list[list[int]]
     prompt_token_ids: list[list[int]]
+    # What the sampler may record for the next step (``SamplingState``).
+    record: StepRecord | None = None
 
     @property
     def edits_logits(self) -> bool:
@@ -516,6 +532,10 @@ def sequence_key(seed: int, index: int) -> int:
 # Odd, about 2^64 / golden ratio: step keys of one sequence spread apart.
 _KEY_STEP = np.uint64(0x9E3779B97F4A7C15)
 _KEY_MASK = np.uint64((1 << 62) - 1)
+# What one more step adds to a key, modulo 2**62: a kernel advances a key
+# with (key + KEY_STEP) & KEY_MASK in int64 without overflow.
+KEY_STEP = int(_KEY_STEP & _KEY_MASK)
+KEY_MASK = int(_KEY_MASK)
 
 
 def step_keys(keys: np.ndarray, steps: np.ndarray) -> np.ndarray:

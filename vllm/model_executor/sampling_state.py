@@ -10,12 +10,18 @@ but keeps what does not change between steps:
 - for the penalties, each slot's output token counts ([slots, vocab] int32)
   and a bit per token seen in its output or prompt (``PenaltyCounts.seen``)
   stay on the device; a step adds only the tokens sampled since the last
-  one, in place. When the caller passed the last step's sampled ids to
-  ``sampled`` and every output grew by one, those ids (already on the
-  device) are the new tokens: the host reads no token at all. Otherwise it
-  uploads each output's last token (one int per row); a last token still
+  one, in place. The metadata's ``StepRecord`` asks the sampler to add
+  them where it picks them (the fused kernels do): then the next step,
+  when every output grew by one, has nothing to add. Otherwise, when the
+  caller passed the last step's sampled ids to ``sampled`` and every
+  output grew by one, those ids (already on the device) are the new
+  tokens: the host reads no token at all. Else it uploads each output's
+  last token (one int per row); a last token still
   ``PLACEHOLDER_TOKEN_ID`` (async scheduling: the step that samples it has
   not reached the host) is taken from those ids on the device.
+- a seeded sequence's Philox key for each step (``step_keys``) is uploaded
+  when the batch changes; the sampler then writes the next step's keys
+  (``StepRecord.next_keys``).
 
 Only rows with min_tokens or bad words look at their outputs on the host at
 every step. A sequence absent from a step loses its slot (it finished, or
@@ -32,7 +38,7 @@ import torch
 
 from vllm.model_executor.layers.ops import get_sampling_kernels
 from vllm.model_executor.sampling_metadata import (
-    HostBuffers, PenaltyCounts, SamplingMetadata, add_logit_bias,
+    HostBuffers, PenaltyCounts, SamplingMetadata, StepRecord, add_logit_bias,
     bad_words_pairs, checked_bad_words, draw_key, logit_bias_of, pairs,
     seeded_index, seen_words, step_keys)
 from vllm.sampling_params import (LogitsProcessor, SamplingParams, SamplingType,
@@ -98,6 +104,10 @@ class _Batch:
     seeded_keys: np.ndarray
     # Only the metadata's output and prompt lists change at each step.
     static: bool
+    # The step keys on the device [S] int64, and the steps (output lengths)
+    # they are for; None until uploaded.
+    step_keys_dev: torch.Tensor | None = None
+    key_steps: np.ndarray | None = None
 
 
 def _pick(items: list, index: np.ndarray) -> list:
@@ -141,6 +151,8 @@ class SamplingState:
         # The ids sampled with the last metadata, and the sequence of each
         # row (``sampled``).
         self._sampled: tuple[list[int], torch.Tensor] | None = None
+        # What the last metadata asked the sampler to record.
+        self._record: StepRecord | None = None
 
     @property
     def num_slots(self) -> int:
@@ -167,6 +179,7 @@ class SamplingState:
         """
         if vocab_size != self.vocab_size:
             self._reset(vocab_size)
+        self._take_record()
         batch = self._batch
         sampled, self._sampled = self._sampled, None
         if batch is None or batch.seq_ids != seq_ids:
@@ -192,17 +205,27 @@ class SamplingState:
             host.add("bad_cols", bad_cols, np.int64)
         update = self._update_counts(batch, output_token_ids, prompt_token_ids,
                                      host, sampled)
+        upload_keys = False
         if batch.seeded_rows:
             steps = np.fromiter(
                 (len(output_token_ids[row]) for row in batch.seeded_rows),
                 dtype=np.int64,
                 count=len(batch.seeded_rows))
-            host.add("seeded_keys", step_keys(batch.seeded_keys, steps),
-                     np.int64)
+            upload_keys = (batch.key_steps is None
+                           or not np.array_equal(steps, batch.key_steps))
+            if upload_keys:
+                host.add("seeded_keys", step_keys(batch.seeded_keys, steps),
+                         np.int64)
+                batch.key_steps = steps
         get = host.to_device()
+        if upload_keys:
+            batch.step_keys_dev = get("seeded_keys")
         penalties = None
         if batch.penalised_rows:
             penalties = self._penalty_counts(batch, update, get)
+        if batch.penalised_rows or batch.seeded_rows:
+            self._record = StepRecord(None if batch.step_keys_dev is None else
+                                      torch.empty_like(batch.step_keys_dev))
         return dataclasses.replace(
             batch.metadata,
             min_tokens_mask=((get("min_tokens_rows"),
@@ -212,9 +235,10 @@ class SamplingState:
             penalties=penalties,
             has_masked_tokens=bool(batch.metadata.has_masked_tokens or mask_rows
                                    or bad_rows),
-            seeded_keys=get("seeded_keys") if batch.seeded_rows else None,
+            seeded_keys=batch.step_keys_dev,
             output_token_ids=output_token_ids,
-            prompt_token_ids=prompt_token_ids)
+            prompt_token_ids=prompt_token_ids,
+            record=self._record)
 
     def sampled(self, token_ids: torch.Tensor) -> None:
         """The ids [N] sampled with the metadata ``prepare`` returned last
@@ -226,6 +250,21 @@ class SamplingState:
         placeholder."""
         assert self._batch is not None, "sampled before prepare"
         self._sampled = (self._batch.seq_ids, token_ids)
+
+    def _take_record(self) -> None:
+        """What the sampler recorded with the last metadata: the token of
+        each penalised row is in its counts, and each seeded row's key for
+        one step more is on the device."""
+        record, self._record = self._record, None
+        batch = self._batch
+        if record is None or not record.done or batch is None:
+            return
+        slots = batch.penalised_slots
+        self._output_len[slots] += 1
+        self._last_token[slots] = _UNKNOWN
+        if batch.key_steps is not None:
+            batch.step_keys_dev = record.next_keys
+            batch.key_steps = batch.key_steps + 1
 
     # ------------------------------------------------------------ slots
     def _admit(self, seq_id: int, params: SamplingParams,
@@ -503,17 +542,21 @@ class SamplingState:
         slots = batch.penalised_slots
         outputs = (output_token_ids if len(rows) == len(output_token_ids) else
                    list(map(output_token_ids.__getitem__, rows)))
-        lengths = np.fromiter(map(len, outputs),
-                              dtype=np.int64,
-                              count=len(rows))
+        # Plain lists first: each pass over the rows costs on every step.
+        lengths_list = list(map(len, outputs))
         known = self._output_len[slots]
+        if all(map(operator.is_, outputs, self._outputs[slots])):
+            if (lengths_list == known.tolist()
+                    and (self._last_token[slots] == _UNKNOWN).all()):
+                # The sampler counted each new token (``StepRecord``).
+                return _CountsUpdate()
+            if (sampled is not None and sampled[0] is batch.seq_ids
+                    and lengths_list == (known + 1).tolist()):
+                self._output_len[slots] += 1
+                self._last_token[slots] = _UNKNOWN
+                return _CountsUpdate(sampled=sampled[1])
+        lengths = np.array(lengths_list, dtype=np.int64)
         grown = lengths - known
-        if (sampled is not None and sampled[0] is batch.seq_ids
-                and (grown == 1).all()
-                and all(map(operator.is_, outputs, self._outputs[slots]))):
-            self._output_len[slots] += 1
-            self._last_token[slots] = _UNKNOWN
-            return _CountsUpdate(sampled=sampled[1])
         same = np.fromiter(map(operator.is_, outputs, self._outputs[slots]),
                            dtype=bool,
                            count=len(rows))

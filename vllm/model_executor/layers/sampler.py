@@ -34,7 +34,10 @@ where each logit is read, then the top-nσ and min_p thresholds, the draw
 when logits processors or masks rewrite logits. With top-k/top-p,
 ``kernels.edit`` applies bias and penalties to the copy in one launch, and
 ``fused_random_sample`` still draws when no recheck can be needed. Logprobs
-never build log_softmax over [N, V].
+never build log_softmax over [N, V]. The fused step also records what the
+next step needs (``StepRecord``: the tokens in ``SamplingState``'s penalty
+counts, the seeded rows' next keys), so that its ``prepare`` has nothing to
+upload.
 
 Nothing sorts the whole vocabulary: top-k/top-p look at each row's largest
 logits (``torch.topk``). A row whose kept tokens may reach past them (a long
@@ -156,14 +159,35 @@ class HostCopy:
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self._event = None
         self._tensors = tensors
-        if tensors[0].is_cuda:
+        if not tensors[0].is_cuda:
+            return
+        storage = tensors[0].untyped_storage()
+        if (len(tensors) > 1
+                and all(t.untyped_storage().data_ptr() == storage.data_ptr()
+                        for t in tensors[1:])
+                and storage.nbytes() <= 2 * sum(t.nbytes for t in tensors)):
+            # Views of one buffer they fill (the fused kernels' outputs):
+            # one copy of its bytes, the same views of the host copy.
+            host = torch.empty(storage.nbytes(),
+                               dtype=torch.uint8,
+                               pin_memory=True)
+            host.copy_(torch.empty(0,
+                                   dtype=torch.uint8,
+                                   device=tensors[0].device).set_(storage),
+                       non_blocking=True)
+            self._tensors = [
+                host.view(t.dtype).as_strided(t.shape, t.stride(),
+                                              t.storage_offset())
+                for t in tensors
+            ]
+        else:
             self._tensors = [
                 torch.empty(t.shape, dtype=t.dtype,
                             pin_memory=True).copy_(t, non_blocking=True)
                 for t in tensors
             ]
-            self._event = torch.cuda.Event()
-            self._event.record()
+        self._event = torch.cuda.Event()
+        self._event.record()
 
     def wait(self) -> list[torch.Tensor]:
         if self._event is not None:
@@ -730,6 +754,8 @@ def fused_random_sample(
     rules_done = threshold is not None
     penalties = md.penalties if edit else None
     assert not isinstance(penalties, PenaltyTensors)
+    # The ids drawn here are final (no recheck) when the step's edits are
+    # applied here too: then the kernels may record them (``StepRecord``).
     sampled, lp = kernels.sample(
         logits,
         temperature,
@@ -741,7 +767,8 @@ def fused_random_sample(
         seeded_index=md.seeded_index,
         bias=md.logit_bias if edit else None,
         penalties=penalties,
-        num_logprobs=md.max_num_logprobs if logprobs else None)
+        num_logprobs=md.max_num_logprobs if logprobs else None,
+        record=md.record if edit else None)
     return sampled, None if lp is None else LogprobsTensors(*lp)
 
 

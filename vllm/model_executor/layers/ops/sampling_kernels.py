@@ -24,7 +24,9 @@ of ``_CHUNK_TILES`` tiles) so that every SM has work:
   segments a draw reads never changes its token.
 - ``_finish_kernel``: per row, the best chunk's token, then its logprob and
   rank and the top-k logprobs, read from the few segments whose maxima say
-  they matter.
+  they matter; and what a ``StepRecord`` asks for the next step (the token
+  into the penalty counts, a seeded row's next key). What the host reads
+  (tokens, logprobs) is written into views of one buffer: one copy.
 
 ``sample`` runs them; ``topk_logprobs`` runs the first and the last for
 given tokens. Also: ``edit`` (the same edits in place on a float32 copy,
@@ -40,8 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm.model_executor.sampling_metadata import KEY_MASK, KEY_STEP
+
 if TYPE_CHECKING:
-    from vllm.model_executor.sampling_metadata import LogitBias, PenaltyCounts
+    from vllm.model_executor.sampling_metadata import (LogitBias, PenaltyCounts,
+                                                       StepRecord)
 
 # Columns a program reads per step (8 per thread with 4 warps), seen as
 # [_TILE // _SEGMENT, _SEGMENT] where segments are reduced. Larger tiles
@@ -501,16 +506,24 @@ def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
 def _finish_kernel(x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
                    token_ptr, stats_ptr, num_chunks, segment_max_ptr,
                    num_segments, k, lp_ids_ptr, lp_values_ptr, lp_stride,
-                   ranks_ptr, lp_stats_ptr, DRAWN: tl.constexpr,
-                   LOGPROBS: tl.constexpr, TOP_K: tl.constexpr,
-                   SEGMENT: tl.constexpr, SEGMENT_BLOCK: tl.constexpr,
-                   NUM_SEGMENTS_POW2: tl.constexpr, K_POW2: tl.constexpr,
-                   CHUNKS_POW2: tl.constexpr):
+                   ranks_ptr, lp_stats_ptr, row_slots_ptr, counts_ptr, seen_ptr,
+                   seen_stride, seeded_index_ptr, seeded_keys_ptr,
+                   next_keys_ptr, DRAWN: tl.constexpr, LOGPROBS: tl.constexpr,
+                   TOP_K: tl.constexpr, RECORD_COUNTS: tl.constexpr,
+                   RECORD_KEYS: tl.constexpr, KEY_STEP: tl.constexpr,
+                   KEY_MASK: tl.constexpr, SEGMENT: tl.constexpr,
+                   SEGMENT_BLOCK: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
+                   K_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr):
     """Per row: with ``DRAWN``, the token of the best chunk's score (the
     first column of equal ones) into ``token_ptr``, else the token given
     there; with ``LOGPROBS``, its log probability and rank in column 0 of
     the logprobs, the top ``k`` (with ``TOP_K``) after it, and the row's
-    raw max and log-sum (for a top-k computed elsewhere)."""
+    raw max and log-sum (for a top-k computed elsewhere).
+
+    ``StepRecord``: with ``RECORD_COUNTS``, a penalised row's token is
+    added to its slot's count and seen bit (``mark_tokens``); with
+    ``RECORD_KEYS``, a seeded row's key for its next step goes to
+    ``next_keys_ptr`` (``step_keys``: one ``KEY_STEP`` more)."""
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * row_stride
     if DRAWN:
@@ -526,6 +539,18 @@ def _finish_kernel(x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
         col = tl.min(tl.where(scores == top, chunk_cols, vocab_size), axis=0)
         col = tl.where(col < vocab_size, col, 0)  # a row of -inf: column 0
         tl.store(token_ptr + row, col.to(tl.int64))
+        if RECORD_COUNTS:
+            slot = tl.load(row_slots_ptr + row)
+            if slot >= 0:
+                tl.atomic_add(counts_ptr + slot * vocab_size + col, 1)
+                # Bit 31 wraps to int32's sign bit, as in mark_tokens.
+                bit = (tl.full([], 1, tl.int64) << (col % 32)).to(tl.int32)
+                tl.atomic_or(seen_ptr + slot * seen_stride + col // 32, bit)
+        if RECORD_KEYS:
+            index = tl.load(seeded_index_ptr + row)
+            if index >= 0:
+                key = tl.load(seeded_keys_ptr + index)
+                tl.store(next_keys_ptr + index, (key + KEY_STEP) & KEY_MASK)
     else:
         col = tl.load(token_ptr + row)
     if LOGPROBS:
@@ -569,24 +594,28 @@ def _num_segments(vocab_size: int) -> int:
     return triton.cdiv(vocab_size, _SEGMENT)
 
 
-def _logprobs_outputs(num_rows: int, k: int,
-                      device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Empty logprobs outputs: ids [N, k+1] int64, log probabilities
-    [N, k+1] float32, ranks [N] int64, and each row's raw max and log-sum
-    [N, 2] float32."""
-    return (torch.empty(num_rows, k + 1, dtype=torch.int64, device=device),
-            torch.empty(num_rows, k + 1, dtype=torch.float32, device=device),
-            torch.empty(num_rows, dtype=torch.int64, device=device),
-            torch.empty(num_rows, 2, dtype=torch.float32, device=device))
+def _host_outputs(num_rows: int, k: int | None,
+                  device: torch.device) -> tuple[torch.Tensor, ...]:
+    """What the host reads of a step, as views of one int64 buffer (one
+    copy for ``HostCopy``): token ids [N] int64 and, with ``k``, the
+    logprobs outputs: ids [N, k+1] int64, log probabilities [N, k+1]
+    float32 and ranks [N] int64."""
+    if k is None:
+        return (torch.empty(num_rows, dtype=torch.int64, device=device), )
+    size = num_rows * (k + 1)
+    tokens, ranks, ids, values = torch.empty(
+        2 * num_rows + size + (size + 1) // 2, dtype=torch.int64,
+        device=device).split([num_rows, num_rows, size, (size + 1) // 2])
+    return (tokens, ids.view(num_rows, k + 1),
+            values.view(torch.float32)[:size].view(num_rows, k + 1), ranks)
 
 
-def _top_k_with_torch(x: torch.Tensor, k: int, outputs: tuple[torch.Tensor,
-                                                              ...]) -> None:
+def _top_k_with_torch(x: torch.Tensor, k: int, ids: torch.Tensor,
+                      logprobs: torch.Tensor, lp_stats: torch.Tensor) -> None:
     """Columns 1..k of the logprobs outputs from torch.topk (large k)."""
-    ids, logprobs, _, stats = outputs
     values, top_ids = x.topk(k, dim=-1)
     ids[:, 1:] = top_ids
-    logprobs[:, 1:] = ((values.float() - stats[:, :1]) - stats[:, 1:])
+    logprobs[:, 1:] = ((values.float() - lp_stats[:, :1]) - lp_stats[:, 1:])
 
 
 def _num_chunks(vocab_size: int) -> int:
@@ -608,19 +637,17 @@ def _stats(
     num_rows, vocab_size = x.shape
     num_chunks = _num_chunks(vocab_size)
     num_segments = _num_segments(vocab_size)
-    out = torch.empty(num_rows,
-                      num_chunks,
-                      _NUM_STATS,
-                      dtype=torch.float32,
-                      device=x.device)
-
-    def segment_maxima(wanted: bool) -> torch.Tensor | None:
-        return torch.empty(
-            num_rows, num_segments, dtype=torch.float32,
-            device=x.device) if wanted else None
-
-    segment_max = segment_maxima(logprobs)
-    edited_segment_max = segment_maxima(segments)
+    # One allocation: the statistics, then the segment maxima asked for.
+    sizes = [num_rows * num_chunks * _NUM_STATS
+             ] + [num_rows * num_segments] * (logprobs + segments)
+    parts = list(
+        torch.empty(sum(sizes), dtype=torch.float32,
+                    device=x.device).split(sizes))
+    out = parts.pop(0).view(num_rows, num_chunks, _NUM_STATS)
+    segment_max = parts.pop(0).view(num_rows,
+                                    num_segments) if logprobs else None
+    edited_segment_max = parts.pop(0).view(num_rows,
+                                           num_segments) if segments else None
     _stats_kernel[(num_rows, num_chunks)](x,
                                           x.stride(0),
                                           vocab_size,
@@ -643,19 +670,33 @@ def _stats(
     return out, segment_max, edited_segment_max
 
 
-def _finish(x: torch.Tensor, tokens: torch.Tensor,
+def _finish(x: torch.Tensor,
+            tokens: torch.Tensor,
             best: tuple[torch.Tensor, torch.Tensor] | None,
-            stats: torch.Tensor | None, segment_max: torch.Tensor | None,
-            num_logprobs: int | None) -> tuple[torch.Tensor, ...] | None:
+            stats: torch.Tensor | None,
+            segment_max: torch.Tensor | None,
+            num_logprobs: int | None,
+            logprobs_outputs: tuple[torch.Tensor, ...] = (),
+            record_counts: "PenaltyCounts | None" = None,
+            seeded: tuple[torch.Tensor, torch.Tensor] | None = None,
+            next_keys: torch.Tensor | None = None) -> None:
     """Launch ``_finish_kernel``: the drawn ``tokens`` from ``best`` (or
-    ``tokens`` given) and their logprobs. -> the logprobs outputs (see
-    ``_logprobs_outputs``), None without ``num_logprobs``."""
+    ``tokens`` given) and, with ``num_logprobs``, their logprobs into
+    ``logprobs_outputs`` (ids, log probabilities, ranks: see
+    ``_host_outputs``). ``record_counts`` and ``next_keys`` (with
+    ``seeded`` = seeded_keys, seeded_index): what a ``StepRecord`` asks."""
     num_rows, vocab_size = x.shape
     k = num_logprobs or 0
     top_k_here = 0 < k <= _MAX_KERNEL_TOP_K
-    outputs = None
+    lp_stats = None
     if num_logprobs is not None:
-        outputs = _logprobs_outputs(num_rows, k, x.device)
+        # Each row's raw max and log-sum, for a top-k computed elsewhere.
+        lp_stats = torch.empty(num_rows,
+                               2,
+                               dtype=torch.float32,
+                               device=x.device)
+    ids, values, ranks = logprobs_outputs or (None, None, None)
+    counts = record_counts
     num_segments = _num_segments(vocab_size)
     num_chunks = _num_chunks(vocab_size)
     _finish_kernel[(num_rows, )](
@@ -669,21 +710,31 @@ def _finish(x: torch.Tensor, tokens: torch.Tensor,
         segment_max,
         num_segments,
         k,
-        *(outputs[:2] if outputs else (None, None)),
+        ids,
+        values,
         k + 1,
-        *(outputs[2:] if outputs else (None, None)),
+        ranks,
+        lp_stats,
+        *((counts.row_slots, counts.counts, counts.seen,
+           counts.seen.stride(0)) if counts else (None, None, None, 0)),
+        *(seeded[1], seeded[0]) if seeded else (None, None),
+        next_keys,
         DRAWN=best is not None,
-        LOGPROBS=outputs is not None,
+        LOGPROBS=lp_stats is not None,
         TOP_K=top_k_here,
+        RECORD_COUNTS=counts is not None,
+        RECORD_KEYS=next_keys is not None,
+        KEY_STEP=KEY_STEP,
+        KEY_MASK=KEY_MASK,
         SEGMENT=_SEGMENT,
         SEGMENT_BLOCK=_SEGMENT_BLOCK,
         NUM_SEGMENTS_POW2=triton.next_power_of_2(num_segments),
         K_POW2=triton.next_power_of_2(max(k, 1)),
         CHUNKS_POW2=triton.next_power_of_2(num_chunks),
         num_warps=_NUM_WARPS)
-    if outputs is not None and k and not top_k_here:
-        _top_k_with_torch(x, k, outputs)
-    return outputs
+    if lp_stats is not None and k and not top_k_here:
+        assert ids is not None and values is not None
+        _top_k_with_torch(x, k, ids, values, lp_stats)
 
 
 def sample(
@@ -698,6 +749,7 @@ def sample(
     bias: "LogitBias | None" = None,
     penalties: "PenaltyCounts | None" = None,
     num_logprobs: int | None = None,
+    record: "StepRecord | None" = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]
            | None]:
     """Per row of ``x`` [N, V], after ``bias`` and ``penalties``, the argmax
@@ -705,7 +757,8 @@ def sample(
     Exp(1): a draw from softmax(x / T) over them. -> token ids [N] int64,
     and with ``num_logprobs`` = k the logprobs of the raw ``x``: ids
     [N, k+1] (the sampled token, then the top k), their log probabilities
-    [N, k+1] float32 and the sampled tokens' ranks [N].
+    [N, k+1] float32 and the sampled tokens' ranks [N]. All of them are
+    views of one buffer.
 
     ``temperature`` [N] float32; 0 takes the argmax (greedy rows). The
     threshold is the largest of ``threshold`` [N], top-nσ's (``top_n_sigma``
@@ -713,6 +766,9 @@ def sample(
     noise of row i comes from Philox keyed by ``seed`` and each logit's
     position, or, where ``seeded_index[i]`` >= 0, that of
     ``seeded_log_q(seeded_keys[seeded_index[i]], token ids)``.
+
+    ``record``: also does what it asks (the tokens into ``penalties``'
+    counts, the seeded rows' next keys) and sets ``record.done``.
     """
     x = _columns_contiguous(x)
     num_rows, vocab_size = x.shape
@@ -727,14 +783,13 @@ def sample(
                                                         is not None, logprobs,
                                                         rules)
     num_chunks = _num_chunks(vocab_size)
-    best = torch.empty(num_rows,
-                       num_chunks,
-                       dtype=torch.float32,
-                       device=x.device)
-    best_col = torch.empty(num_rows,
-                           num_chunks,
-                           dtype=torch.int32,
-                           device=x.device)
+    # Each chunk's best score and its column (int32, the same bytes).
+    best, best_col = torch.empty(2,
+                                 num_rows,
+                                 num_chunks,
+                                 dtype=torch.float32,
+                                 device=x.device)
+    best_col = best_col.view(torch.int32)
     _draw_kernel[(num_rows,
                   num_chunks)](x,
                                x.stride(0),
@@ -764,10 +819,26 @@ def sample(
                                CHUNK_TILES=_CHUNK_TILES,
                                CHUNKS_POW2=triton.next_power_of_2(num_chunks),
                                num_warps=_NUM_WARPS)
-    tokens = torch.empty(num_rows, dtype=torch.int64, device=x.device)
-    outputs = _finish(x, tokens, (best, best_col), stats, segment_max,
-                      num_logprobs)
-    if outputs is None:
+    tokens, *outputs = _host_outputs(num_rows, num_logprobs, x.device)
+    next_keys = None
+    if record is not None and not record.done:
+        next_keys = record.next_keys if seeded_keys is not None else None
+        record.done = True
+    else:
+        record = None
+    seeded = None
+    if seeded_keys is not None and seeded_index is not None:
+        seeded = (seeded_keys, seeded_index)
+    _finish(x,
+            tokens, (best, best_col),
+            stats,
+            segment_max,
+            num_logprobs,
+            tuple(outputs),
+            record_counts=penalties if record else None,
+            seeded=seeded,
+            next_keys=next_keys)
+    if not outputs:
         return tokens, None
     return tokens, (outputs[0], outputs[1], outputs[2])
 
@@ -908,11 +979,11 @@ def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     logits = _columns_contiguous(logits)
     num_rows = logits.shape[0]
     stats, segment_max, _ = _stats(logits, None, None, False, False, True)
-    outputs = _finish(logits,
-                      token_ids.to(torch.int64).reshape(num_rows).contiguous(),
-                      None, stats, segment_max, k)
-    assert outputs is not None
-    return outputs[0], outputs[1], outputs[2]
+    _, ids, values, ranks = _host_outputs(num_rows, k, logits.device)
+    _finish(logits,
+            token_ids.to(torch.int64).reshape(num_rows).contiguous(), None,
+            stats, segment_max, k, (ids, values, ranks))
+    return ids, values, ranks
 
 
 # -------------------------------------------------------------- mark_tokens
