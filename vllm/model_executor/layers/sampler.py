@@ -27,7 +27,7 @@ both scales, min_p and top-p take T into account.
 On CUDA with triton installed, the passes over the whole vocabulary are
 Triton kernels (``ops/sampling_kernels.py``; the torch code stays the CPU
 path and the reference). Without top-k/top-p the whole step is one
-``kernels.sample`` (``fused_random_sample``, three launches) on the logits
+``kernels.sample`` (``fused_random_sample``, two launches) on the logits
 as they are: logit_bias and the penalties (``PenaltyCounts``) are applied
 where each logit is read, then the top-nσ and min_p thresholds, the draw
 (greedy rows: the argmax) and the logprobs; the float32 copy exists only
@@ -171,10 +171,7 @@ class HostCopy:
             host = torch.empty(storage.nbytes(),
                                dtype=torch.uint8,
                                pin_memory=True)
-            host.copy_(torch.empty(0,
-                                   dtype=torch.uint8,
-                                   device=tensors[0].device).set_(storage),
-                       non_blocking=True)
+            host.untyped_storage().copy_(storage, non_blocking=True)
             self._tensors = [
                 host.view(t.dtype).as_strided(t.shape, t.stride(),
                                               t.storage_offset())

@@ -3,8 +3,8 @@
 They read [N, V] logits (any float dtype, computed in float32; columns
 contiguous, rows at any stride) in tiles of ``_TILE`` columns (the next
 tile's load is issued before the current one is used, to keep bytes in
-flight). A sampling step is three launches, the first two over (row, chunk
-of ``_CHUNK_TILES`` tiles) so that every SM has work:
+flight). A sampling step is two launches over (row, chunk of
+``_CHUNK_TILES`` tiles), so that every SM has work:
 
 - ``_stats_kernel``: each logit is edited where it is read (``_edit``:
   logit_bias, then the repetition, frequency and presence penalties from the
@@ -21,21 +21,27 @@ of ``_CHUNK_TILES`` tiles) so that every SM has work:
   per row; otherwise every segment. A seeded row's noise is keyed by its
   step's key and depends only on that key and the token id
   (``seeded_log_q`` gives the same noise at any token ids), so which
-  segments a draw reads never changes its token.
-- ``_finish_kernel``: per row, the best chunk's token, then its logprob and
-  rank and the top-k logprobs, read from the few segments whose maxima say
-  they matter; and what a ``StepRecord`` asks for the next step (the token
-  into the penalty counts, a seeded row's next key). What the host reads
-  (tokens, logprobs) is written into views of one buffer: one copy.
+  segments a draw reads never changes its token. The last chunk of a row
+  to finish (an atomic count) then finishes the row (``_finish_row``): the
+  best chunk's token, then its logprob and rank and the top-k logprobs,
+  read from the few segments whose maxima say they matter, and what a
+  ``StepRecord`` asks for the next step (the token into the penalty
+  counts, a seeded row's next key). What the host reads (tokens,
+  logprobs) is written into views of one buffer: one copy.
 
-``sample`` runs them; ``topk_logprobs`` runs the first and the last for
-given tokens. Also: ``edit`` (the same edits in place on a float32 copy,
+``sample`` runs them; ``topk_logprobs`` runs ``_stats_kernel`` and
+``_finish_kernel`` (``_finish_row`` of each row) for given tokens. The
+intermediate results live in a buffer reused by the next call of the same
+shape (``_scratch``). Also: ``edit`` (the same edits in place on a float32 copy,
 for the top-k/top-p path, which sorts with torch), ``row_stats`` (each
 row's max and σ) and ``mark_tokens`` (``SamplingState``'s counts and seen
 bits).
 
 Import it only where triton is installed (``ops.get_sampling_kernels``).
 """
+import functools
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -368,20 +374,30 @@ def _read_segments(x_row, b, first_segment, order, num_read, num_segments,
     return segments, cols, _load(x_row, cols, vocab_size)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "k"])
 def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
                  top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr, seeded_index_ptr,
                  seed, bias_keys_ptr, bias_values_ptr, bias_starts_ptr,
                  row_slots_ptr, seen_ptr, seen_stride, counts_ptr, presence_ptr,
                  frequency_ptr, repetition_ptr, stats_ptr, num_chunks,
                  edited_segment_max_ptr, num_segments, best_ptr, best_col_ptr,
-                 HAS_THRESHOLD: tl.constexpr, TOP_N_SIGMA: tl.constexpr,
-                 MIN_P: tl.constexpr, HAS_SEEDED: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_PENALTIES: tl.constexpr,
-                 TILE: tl.constexpr, SEGMENT: tl.constexpr,
-                 CHUNK_TILES: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+                 arrivals_ptr, token_ptr, segment_max_ptr, k, lp_ids_ptr,
+                 lp_values_ptr, lp_stride, ranks_ptr, lp_stats_ptr,
+                 next_keys_ptr, HAS_THRESHOLD: tl.constexpr,
+                 TOP_N_SIGMA: tl.constexpr, MIN_P: tl.constexpr,
+                 HAS_SEEDED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_PENALTIES: tl.constexpr, LOGPROBS: tl.constexpr,
+                 TOP_K: tl.constexpr, RECORD_COUNTS: tl.constexpr,
+                 RECORD_KEYS: tl.constexpr, KEY_STEP: tl.constexpr,
+                 KEY_MASK: tl.constexpr, TILE: tl.constexpr,
+                 SEGMENT: tl.constexpr, SEGMENT_BLOCK: tl.constexpr,
+                 CHUNK_TILES: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
+                 K_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr):
     """One chunk of a row: the best score x - T log q over its kept edited
-    logits, and its column (the first of equal ones).
+    logits, and its column (the first of equal ones). The row's last chunk
+    to finish then finishes the row (``_finish_row``: its token, logprobs
+    and ``StepRecord``), counted at ``arrivals_ptr`` (zero before and after
+    a launch).
 
     With a top-nσ or min_p rule (each segment's edited max then comes from
     ``_stats_kernel``) it reads only the segments whose max reaches the
@@ -500,21 +516,34 @@ def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
         best_col_ptr + at,
         tl.min(tl.min(tl.where(best == top, best_col, vocab_size), axis=1),
                axis=0))
+    # Every thread's stores above are issued; the atomic (acq_rel, GPU
+    # scope) orders them before the last chunk's loads of them.
+    tl.debug_barrier()
+    if tl.atomic_add(arrivals_ptr + row, 1) == num_chunks - 1:
+        tl.store(arrivals_ptr + row, 0)  # ready for the next launch
+        _finish_row(row, x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
+                    token_ptr, stats_ptr, num_chunks, segment_max_ptr,
+                    num_segments, k, lp_ids_ptr, lp_values_ptr, lp_stride,
+                    ranks_ptr, lp_stats_ptr, row_slots_ptr, counts_ptr,
+                    seen_ptr, seen_stride, seeded_index_ptr, seeded_keys_ptr,
+                    next_keys_ptr, True, LOGPROBS, TOP_K, RECORD_COUNTS,
+                    RECORD_KEYS, KEY_STEP, KEY_MASK, SEGMENT, SEGMENT_BLOCK,
+                    NUM_SEGMENTS_POW2, K_POW2, CHUNKS_POW2)
 
 
-@triton.jit(do_not_specialize=["k"])
-def _finish_kernel(x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
-                   token_ptr, stats_ptr, num_chunks, segment_max_ptr,
-                   num_segments, k, lp_ids_ptr, lp_values_ptr, lp_stride,
-                   ranks_ptr, lp_stats_ptr, row_slots_ptr, counts_ptr, seen_ptr,
-                   seen_stride, seeded_index_ptr, seeded_keys_ptr,
-                   next_keys_ptr, DRAWN: tl.constexpr, LOGPROBS: tl.constexpr,
-                   TOP_K: tl.constexpr, RECORD_COUNTS: tl.constexpr,
-                   RECORD_KEYS: tl.constexpr, KEY_STEP: tl.constexpr,
-                   KEY_MASK: tl.constexpr, SEGMENT: tl.constexpr,
-                   SEGMENT_BLOCK: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
-                   K_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr):
-    """Per row: with ``DRAWN``, the token of the best chunk's score (the
+@triton.jit
+def _finish_row(row, x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
+                token_ptr, stats_ptr, num_chunks, segment_max_ptr, num_segments,
+                k, lp_ids_ptr, lp_values_ptr, lp_stride, ranks_ptr,
+                lp_stats_ptr, row_slots_ptr, counts_ptr, seen_ptr, seen_stride,
+                seeded_index_ptr, seeded_keys_ptr, next_keys_ptr,
+                DRAWN: tl.constexpr, LOGPROBS: tl.constexpr,
+                TOP_K: tl.constexpr, RECORD_COUNTS: tl.constexpr,
+                RECORD_KEYS: tl.constexpr, KEY_STEP: tl.constexpr,
+                KEY_MASK: tl.constexpr, SEGMENT: tl.constexpr,
+                SEGMENT_BLOCK: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
+                K_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+    """Row ``row``: with ``DRAWN``, the token of the best chunk's score (the
     first column of equal ones) into ``token_ptr``, else the token given
     there; with ``LOGPROBS``, its log probability and rank in column 0 of
     the logprobs, the top ``k`` (with ``TOP_K``) after it, and the row's
@@ -524,17 +553,20 @@ def _finish_kernel(x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
     added to its slot's count and seen bit (``mark_tokens``); with
     ``RECORD_KEYS``, a seeded row's key for its next step goes to
     ``next_keys_ptr`` (``step_keys``: one ``KEY_STEP`` more)."""
-    row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * row_stride
     if DRAWN:
         chunks = tl.arange(0, CHUNKS_POW2)
         at = row.to(tl.int64) * num_chunks + chunks
+        # From L2 (.cg): other programs of this launch may have just
+        # written them (``_draw_kernel``).
         scores = tl.load(best_ptr + at,
                          mask=chunks < num_chunks,
-                         other=float("-inf"))
+                         other=float("-inf"),
+                         cache_modifier=".cg")
         chunk_cols = tl.load(best_col_ptr + at,
                              mask=chunks < num_chunks,
-                             other=vocab_size)
+                             other=vocab_size,
+                             cache_modifier=".cg")
         top = tl.max(scores, axis=0)
         col = tl.min(tl.where(scores == top, chunk_cols, vocab_size), axis=0)
         col = tl.where(col < vocab_size, col, 0)  # a row of -inf: column 0
@@ -572,6 +604,23 @@ def _finish_kernel(x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
             _top_k(x_row, vocab_size, segment_max_row, num_segments, k, raw_max,
                    log_sum, ids_out + 1, logprobs_out + 1, SEGMENT,
                    NUM_SEGMENTS_POW2, K_POW2)
+
+
+@triton.jit(do_not_specialize=["k"])
+def _finish_kernel(x_ptr, row_stride, vocab_size, token_ptr, stats_ptr,
+                   num_chunks, segment_max_ptr, num_segments, k, lp_ids_ptr,
+                   lp_values_ptr, lp_stride, ranks_ptr, lp_stats_ptr,
+                   TOP_K: tl.constexpr, SEGMENT: tl.constexpr,
+                   SEGMENT_BLOCK: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
+                   K_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+    """``_finish_row`` of each row for the tokens given at ``token_ptr``:
+    their logprobs (``topk_logprobs``)."""
+    _finish_row(tl.program_id(0), x_ptr, row_stride, vocab_size, None, None,
+                token_ptr, stats_ptr, num_chunks, segment_max_ptr, num_segments,
+                k, lp_ids_ptr, lp_values_ptr, lp_stride, ranks_ptr,
+                lp_stats_ptr, None, None, None, 0, None, None, None, False,
+                True, TOP_K, False, False, 0, 0, SEGMENT, SEGMENT_BLOCK,
+                NUM_SEGMENTS_POW2, K_POW2, CHUNKS_POW2)
 
 
 def _edit_args(bias: "LogitBias | None",
@@ -622,6 +671,43 @@ def _num_chunks(vocab_size: int) -> int:
     return triton.cdiv(vocab_size, _CHUNK_TILES * _TILE)
 
 
+@dataclass
+class _Scratch:
+    """The intermediate results of one call, on the device: per-chunk
+    statistics [N, chunks, _NUM_STATS], raw and edited segment maxima
+    [N, segments], each chunk's best score and its column [N, chunks], each
+    row's raw max and log-sum [N, 2]."""
+    stats: torch.Tensor
+    segment_max: torch.Tensor
+    edited_segment_max: torch.Tensor
+    best: torch.Tensor
+    best_col: torch.Tensor
+    lp_stats: torch.Tensor
+
+
+@functools.lru_cache(maxsize=4)
+def _scratch_of(device: torch.device, num_rows: int, num_chunks: int,
+                num_segments: int) -> _Scratch:
+    """One buffer for a shape's ``_Scratch``, reused by every call of that
+    shape: a step's host work is a few launches, no allocation. Launches
+    run in order on the stream, so the next call's kernels never overwrite
+    what an earlier one still reads (the wrappers return none of it)."""
+    shapes = [(num_rows, num_chunks, _NUM_STATS), (num_rows, num_segments),
+              (num_rows, num_segments), (num_rows, num_chunks),
+              (num_rows, num_chunks), (num_rows, 2)]
+    sizes = [math.prod(shape) for shape in shapes]
+    parts = torch.empty(sum(sizes), dtype=torch.float32,
+                        device=device).split(sizes)
+    views = [part.view(shape) for part, shape in zip(parts, shapes)]
+    views[4] = views[4].view(torch.int32)  # best_col: the same bytes
+    return _Scratch(*views)
+
+
+def _scratch(device: torch.device, num_rows: int, vocab_size: int) -> _Scratch:
+    return _scratch_of(device, num_rows, _num_chunks(vocab_size),
+                       _num_segments(vocab_size))
+
+
 def _stats(
     x: torch.Tensor,
     bias: "LogitBias | None",
@@ -637,17 +723,10 @@ def _stats(
     num_rows, vocab_size = x.shape
     num_chunks = _num_chunks(vocab_size)
     num_segments = _num_segments(vocab_size)
-    # One allocation: the statistics, then the segment maxima asked for.
-    sizes = [num_rows * num_chunks * _NUM_STATS
-             ] + [num_rows * num_segments] * (logprobs + segments)
-    parts = list(
-        torch.empty(sum(sizes), dtype=torch.float32,
-                    device=x.device).split(sizes))
-    out = parts.pop(0).view(num_rows, num_chunks, _NUM_STATS)
-    segment_max = parts.pop(0).view(num_rows,
-                                    num_segments) if logprobs else None
-    edited_segment_max = parts.pop(0).view(num_rows,
-                                           num_segments) if segments else None
+    scratch = _scratch(x.device, num_rows, vocab_size)
+    out = scratch.stats
+    segment_max = scratch.segment_max if logprobs else None
+    edited_segment_max = scratch.edited_segment_max if segments else None
     _stats_kernel[(num_rows, num_chunks)](x,
                                           x.stride(0),
                                           vocab_size,
@@ -670,71 +749,44 @@ def _stats(
     return out, segment_max, edited_segment_max
 
 
-def _finish(x: torch.Tensor,
-            tokens: torch.Tensor,
-            best: tuple[torch.Tensor, torch.Tensor] | None,
-            stats: torch.Tensor | None,
-            segment_max: torch.Tensor | None,
-            num_logprobs: int | None,
-            logprobs_outputs: tuple[torch.Tensor, ...] = (),
-            record_counts: "PenaltyCounts | None" = None,
-            seeded: tuple[torch.Tensor, torch.Tensor] | None = None,
-            next_keys: torch.Tensor | None = None) -> None:
-    """Launch ``_finish_kernel``: the drawn ``tokens`` from ``best`` (or
-    ``tokens`` given) and, with ``num_logprobs``, their logprobs into
-    ``logprobs_outputs`` (ids, log probabilities, ranks: see
-    ``_host_outputs``). ``record_counts`` and ``next_keys`` (with
-    ``seeded`` = seeded_keys, seeded_index): what a ``StepRecord`` asks."""
+def _logprobs_args(x: torch.Tensor, num_logprobs: int | None,
+                   outputs: tuple[torch.Tensor, ...]) -> tuple[list, dict]:
+    """``_finish_row``'s logprobs arguments (from ``segment_max_ptr`` to
+    ``lp_stats_ptr``, the segment maxima first) and constants, for
+    ``num_logprobs`` (None: none) into ``outputs`` (ids, log probabilities,
+    ranks: see ``_host_outputs``)."""
     num_rows, vocab_size = x.shape
     k = num_logprobs or 0
-    top_k_here = 0 < k <= _MAX_KERNEL_TOP_K
-    lp_stats = None
-    if num_logprobs is not None:
-        # Each row's raw max and log-sum, for a top-k computed elsewhere.
-        lp_stats = torch.empty(num_rows,
-                               2,
-                               dtype=torch.float32,
-                               device=x.device)
-    ids, values, ranks = logprobs_outputs or (None, None, None)
-    counts = record_counts
-    num_segments = _num_segments(vocab_size)
-    num_chunks = _num_chunks(vocab_size)
-    _finish_kernel[(num_rows, )](
-        x,
-        x.stride(0),
-        vocab_size,
-        *(best or (None, None)),
-        tokens,
-        stats,
-        num_chunks,
-        segment_max,
-        num_segments,
-        k,
-        ids,
-        values,
-        k + 1,
-        ranks,
-        lp_stats,
-        *((counts.row_slots, counts.counts, counts.seen,
-           counts.seen.stride(0)) if counts else (None, None, None, 0)),
-        *(seeded[1], seeded[0]) if seeded else (None, None),
-        next_keys,
-        DRAWN=best is not None,
-        LOGPROBS=lp_stats is not None,
-        TOP_K=top_k_here,
-        RECORD_COUNTS=counts is not None,
-        RECORD_KEYS=next_keys is not None,
-        KEY_STEP=KEY_STEP,
-        KEY_MASK=KEY_MASK,
+    scratch = _scratch(x.device, num_rows, vocab_size)
+    ids, values, ranks = outputs or (None, None, None)
+    args = [
+        scratch.segment_max if outputs else None, k, ids, values, k + 1, ranks,
+        scratch.lp_stats
+    ]
+    constants = dict(
+        TOP_K=0 < k <= _MAX_KERNEL_TOP_K,
         SEGMENT=_SEGMENT,
         SEGMENT_BLOCK=_SEGMENT_BLOCK,
-        NUM_SEGMENTS_POW2=triton.next_power_of_2(num_segments),
+        NUM_SEGMENTS_POW2=triton.next_power_of_2(_num_segments(vocab_size)),
         K_POW2=triton.next_power_of_2(max(k, 1)),
-        CHUNKS_POW2=triton.next_power_of_2(num_chunks),
-        num_warps=_NUM_WARPS)
-    if lp_stats is not None and k and not top_k_here:
-        assert ids is not None and values is not None
-        _top_k_with_torch(x, k, ids, values, lp_stats)
+        CHUNKS_POW2=triton.next_power_of_2(_num_chunks(vocab_size)))
+    return args, constants
+
+
+def _top_k_elsewhere(x: torch.Tensor, num_logprobs: int | None,
+                     outputs: tuple[torch.Tensor, ...]) -> None:
+    """Columns 1..k of the logprobs from torch.topk, past the kernels' k."""
+    k = num_logprobs or 0
+    if k > _MAX_KERNEL_TOP_K:
+        lp_stats = _scratch(x.device, x.shape[0], x.shape[1]).lp_stats
+        _top_k_with_torch(x, k, outputs[0], outputs[1], lp_stats)
+
+
+@functools.lru_cache(maxsize=4)
+def _arrivals(device: torch.device, num_rows: int) -> torch.Tensor:
+    """Per row, the chunks of a ``_draw_kernel`` launch done so far: zeros,
+    which the row's last chunk puts back."""
+    return torch.zeros(num_rows, dtype=torch.int32, device=device)
 
 
 def sample(
@@ -775,69 +827,59 @@ def sample(
     assert (seeded_keys is None) == (seeded_index is None)
     rules = top_n_sigma is not None or min_p is not None
     logprobs = num_logprobs is not None
-    stats = segment_max = edited_segment_max = None
+    stats = edited_segment_max = None
     if rules or logprobs:
         # With a rule, the draw reads only the segments that reach it.
-        stats, segment_max, edited_segment_max = _stats(x, bias, penalties,
-                                                        rules, top_n_sigma
-                                                        is not None, logprobs,
-                                                        rules)
+        stats, _, edited_segment_max = _stats(x, bias, penalties, rules,
+                                              top_n_sigma is not None, logprobs,
+                                              rules)
     num_chunks = _num_chunks(vocab_size)
-    # Each chunk's best score and its column (int32, the same bytes).
-    best, best_col = torch.empty(2,
-                                 num_rows,
-                                 num_chunks,
-                                 dtype=torch.float32,
-                                 device=x.device)
-    best_col = best_col.view(torch.int32)
-    _draw_kernel[(num_rows,
-                  num_chunks)](x,
-                               x.stride(0),
-                               vocab_size,
-                               temperature,
-                               threshold,
-                               top_n_sigma,
-                               min_p,
-                               seeded_keys,
-                               seeded_index,
-                               seed,
-                               *_edit_args(bias, penalties),
-                               stats,
-                               num_chunks,
-                               edited_segment_max,
-                               _num_segments(vocab_size),
-                               best,
-                               best_col,
-                               HAS_THRESHOLD=threshold is not None,
-                               TOP_N_SIGMA=top_n_sigma is not None,
-                               MIN_P=min_p is not None,
-                               HAS_SEEDED=seeded_keys is not None,
-                               HAS_BIAS=bias is not None,
-                               HAS_PENALTIES=penalties is not None,
-                               TILE=_TILE,
-                               SEGMENT=_SEGMENT,
-                               CHUNK_TILES=_CHUNK_TILES,
-                               CHUNKS_POW2=triton.next_power_of_2(num_chunks),
-                               num_warps=_NUM_WARPS)
+    scratch = _scratch(x.device, num_rows, vocab_size)
     tokens, *outputs = _host_outputs(num_rows, num_logprobs, x.device)
+    lp_args, lp_constants = _logprobs_args(x, num_logprobs, tuple(outputs))
     next_keys = None
+    record_counts = False
     if record is not None and not record.done:
         next_keys = record.next_keys if seeded_keys is not None else None
+        record_counts = penalties is not None
         record.done = True
-    else:
-        record = None
-    seeded = None
-    if seeded_keys is not None and seeded_index is not None:
-        seeded = (seeded_keys, seeded_index)
-    _finish(x,
-            tokens, (best, best_col),
-            stats,
-            segment_max,
-            num_logprobs,
-            tuple(outputs),
-            record_counts=penalties if record else None,
-            seeded=seeded,
-            next_keys=next_keys)
+    _draw_kernel[(num_rows, num_chunks)](x,
+                                         x.stride(0),
+                                         vocab_size,
+                                         temperature,
+                                         threshold,
+                                         top_n_sigma,
+                                         min_p,
+                                         seeded_keys,
+                                         seeded_index,
+                                         seed,
+                                         *_edit_args(bias, penalties),
+                                         stats,
+                                         num_chunks,
+                                         edited_segment_max,
+                                         _num_segments(vocab_size),
+                                         scratch.best,
+                                         scratch.best_col,
+                                         _arrivals(x.device, num_rows),
+                                         tokens,
+                                         *lp_args,
+                                         next_keys,
+                                         HAS_THRESHOLD=threshold is not None,
+                                         TOP_N_SIGMA=top_n_sigma is not None,
+                                         MIN_P=min_p is not None,
+                                         HAS_SEEDED=seeded_keys is not None,
+                                         HAS_BIAS=bias is not None,
+                                         HAS_PENALTIES=penalties is not None,
+                                         LOGPROBS=logprobs,
+                                         RECORD_COUNTS=record_counts,
+                                         RECORD_KEYS=next_keys is not None,
+                                         KEY_STEP=KEY_STEP,
+                                         KEY_MASK=KEY_MASK,
+                                         TILE=_TILE,
+                                         CHUNK_TILES=_CHUNK_TILES,
+                                         **lp_constants,
+                                         num_warps=_NUM_WARPS)
+    _top_k_elsewhere(x, num_logprobs, tuple(outputs))
     if not outputs:
         return tokens, None
     return tokens, (outputs[0], outputs[1], outputs[2])
@@ -978,11 +1020,24 @@ def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     """
     logits = _columns_contiguous(logits)
     num_rows = logits.shape[0]
-    stats, segment_max, _ = _stats(logits, None, None, False, False, True)
-    _, ids, values, ranks = _host_outputs(num_rows, k, logits.device)
-    _finish(logits,
-            token_ids.to(torch.int64).reshape(num_rows).contiguous(), None,
-            stats, segment_max, k, (ids, values, ranks))
+    stats, _, _ = _stats(logits, None, None, False, False, True)
+    _, *outputs = _host_outputs(num_rows, k, logits.device)
+    lp_args, lp_constants = _logprobs_args(logits, k, tuple(outputs))
+    vocab_size = logits.shape[1]
+    _finish_kernel[(num_rows, )](
+        logits,
+        logits.stride(0),
+        vocab_size,
+        token_ids.to(torch.int64).reshape(num_rows).contiguous(),
+        stats,
+        _num_chunks(vocab_size),
+        lp_args[0],
+        _num_segments(vocab_size),
+        *lp_args[1:],
+        **lp_constants,
+        num_warps=_NUM_WARPS)
+    _top_k_elsewhere(logits, k, tuple(outputs))
+    ids, values, ranks = outputs
     return ids, values, ranks
 
 
