@@ -28,7 +28,7 @@ every step. A sequence absent from a step loses its slot (it finished, or
 was preempted: it is rebuilt from its lists when it comes back), so the
 caller never has to say which sequences finished.
 """
-import dataclasses
+import copy
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -226,19 +226,22 @@ class SamplingState:
         if batch.penalised_rows or batch.seeded_rows:
             self._record = StepRecord(None if batch.step_keys_dev is None else
                                       torch.empty_like(batch.step_keys_dev))
-        return dataclasses.replace(
-            batch.metadata,
-            min_tokens_mask=((get("min_tokens_rows"),
-                              get("min_tokens_cols")) if mask_rows else None),
-            bad_words_mask=(get("bad_rows"),
-                            get("bad_cols")) if bad_rows else None,
-            penalties=penalties,
-            has_masked_tokens=bool(batch.metadata.has_masked_tokens or mask_rows
-                                   or bad_rows),
-            seeded_keys=batch.step_keys_dev,
-            output_token_ids=output_token_ids,
-            prompt_token_ids=prompt_token_ids,
-            record=self._record)
+        # A shallow copy with this step's fields (dataclasses.replace would
+        # run __init__ over every field: slower, at every step).
+        metadata = copy.copy(batch.metadata)
+        if mask_rows:
+            metadata.min_tokens_mask = (get("min_tokens_rows"),
+                                        get("min_tokens_cols"))
+        if bad_rows:
+            metadata.bad_words_mask = (get("bad_rows"), get("bad_cols"))
+        metadata.has_masked_tokens = bool(metadata.has_masked_tokens
+                                          or mask_rows or bad_rows)
+        metadata.penalties = penalties
+        metadata.seeded_keys = batch.step_keys_dev
+        metadata.output_token_ids = output_token_ids
+        metadata.prompt_token_ids = prompt_token_ids
+        metadata.record = self._record
+        return metadata
 
     def sampled(self, token_ids: torch.Tensor) -> None:
         """The ids [N] sampled with the metadata ``prepare`` returned last
