@@ -72,6 +72,9 @@ _MAX_KERNEL_TOP_K = 64
 # Per (row, chunk) statistics: edited max, finite count, sum and sum of
 # squares (shifted by the row's first logit), raw max, raw sum(exp(x - max)).
 _NUM_STATS = 6
+# exp(x) is computed as exp2(x * log2(e)) (one instruction with ftz).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 def _columns_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -82,8 +85,13 @@ def _columns_contiguous(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _load(x_row, cols, vocab_size):
     """Logits at ``cols`` in float32, -inf past the row."""
-    return tl.load(x_row + cols, mask=cols < vocab_size,
-                   other=float("-inf")).to(tl.float32)
+    x = tl.load(x_row + cols, mask=cols < vocab_size, other=float("-inf"))
+    if x.dtype == tl.bfloat16:
+        # bf16 is the high half of a float32: one instruction a logit (the
+        # conversion takes two for every other one).
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(
+            tl.float32, bitcast=True)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -91,7 +99,8 @@ def _edit_params(row, bias_starts_ptr, row_slots_ptr, presence_ptr,
                  frequency_ptr, repetition_ptr, HAS_BIAS: tl.constexpr,
                  HAS_PENALTIES: tl.constexpr):
     """Row ``row``'s range of bias entries, its slot of the counts (-1: no
-    penalties) and its presence, frequency and repetition penalties."""
+    penalties) and its presence, frequency and repetition penalties (the
+    last with its reciprocal, see ``_penalise``)."""
     # Tensors even without bias: they are carried through the tile loops.
     bias_lo = row.to(tl.int64) * 0
     bias_hi = bias_lo
@@ -107,7 +116,8 @@ def _edit_params(row, bias_starts_ptr, row_slots_ptr, presence_ptr,
         presence = tl.load(presence_ptr + row)
         frequency = tl.load(frequency_ptr + row)
         repetition = tl.load(repetition_ptr + row)
-    return bias_lo, bias_hi, slot, presence, frequency, repetition
+    inverse = tl.math.div_rn(1.0, repetition)
+    return bias_lo, bias_hi, slot, presence, frequency, (repetition, inverse)
 
 
 @triton.jit
@@ -129,46 +139,125 @@ def _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
 
 
 @triton.jit
-def _edit(x, cols, start, stop, row_start, vocab_size, bias_keys_ptr,
+def _add_bias(x, cols, start, stop, row_start, bias_keys_ptr, bias_values_ptr,
+              entry, next_col, bias_hi):
+    """``_edit``'s logit_bias. The row's bias entries are sorted by column
+    and tiles come in column order, so a tile looks only at its own: one
+    comparison for a tile without any."""
+    while next_col < stop:
+        if next_col >= start:
+            x = tl.where(cols == next_col, x + tl.load(bias_values_ptr + entry),
+                         x)
+        entry += 1
+        next_col = _bias_column(bias_keys_ptr, entry, bias_hi, row_start)
+    return x, entry, next_col
+
+
+@triton.jit
+def _seen_bits(seen_row, runs, cols, start, vocab_size):
+    """Whether the seen bit of each of ``cols`` is set. ``cols`` come in
+    runs of 8 from a multiple of 8 (a thread's columns), ``runs`` (any
+    shape) their first columns // 8: one word load per run. ``start``, a
+    multiple of 32 at or before the first run, is the base of the addresses
+    (a scalar, no 64-bit arithmetic per run)."""
+    runs = tl.reshape(runs, [runs.numel]) - start // 8
+    # (Bits of columns past the row are never set.)
+    word = tl.load(seen_row + start // 32 + (runs >> 2),
+                   mask=runs * 8 < vocab_size - start,
+                   other=0)
+    # Each column's bit in place in the word: one instruction a bit, not a
+    # shift and a mask (the masks are the same every tile).
+    bits = word[:, None] & ((1 << tl.arange(0, 8))[None, :] <<
+                            ((runs & 3) * 8)[:, None])
+    return tl.reshape(bits != 0, cols.shape)
+
+
+@triton.jit
+def _penalise(x, count, presence, frequency, repetition):
+    """``sampler.apply_penalties`` on seen logits ``x`` with output counts
+    ``count`` (float32): x / r if x > 0 else x * r, then minus the
+    frequency and presence penalties; ``repetition`` = (r, 1 / r rounded).
+
+    x / r is the product by 1 / r corrected by one fused remainder step:
+    the correctly rounded quotient that torch's IEEE division gives, while
+    x / r is finite and |x| >= 2^-100 (below, the last bit may differ).
+    With r >= 1, x / r <= x * r for x >= 0 and x * r <= x / r for x <= 0,
+    so the penalised logit is the smaller of the two (rounding keeps the
+    order); with r < 1, the larger. The NaN quotient of x = +-inf is
+    ignored: x * r is then right."""
+    r, inverse = repetition
+    q = x * inverse
+    quotient = tl.fma(tl.fma(q, -r, x), inverse, q)
+    product = x * r
+    x = tl.where(r >= 1.0, tl.minimum(quotient, product),
+                 tl.maximum(quotient, product))
+    # min(count, 1): 1.0 where the count is > 0 (counts are >= 0).
+    return x - frequency * count - presence * tl.minimum(count, 1.0)
+
+
+@triton.jit
+def _penalise_seen(x, cols, runs, start, vocab_size, seen_row, counts_row,
+                   presence, frequency, repetition):
+    """``_edit``'s penalties, from the row's seen bits and counts."""
+    seen = _seen_bits(seen_row, runs, cols, start, vocab_size)
+    # A count is > 0 only where the bit is set: the counts are read only
+    # there, and the other logits are kept as they are.
+    count = tl.load(counts_row + cols, mask=seen)
+    return tl.where(
+        seen, _penalise(x, count.to(tl.float32), presence, frequency,
+                        repetition), x)
+
+
+@triton.jit
+def _edit(x, cols, runs, start, stop, row_start, vocab_size, bias_keys_ptr,
           bias_values_ptr, entry, next_col, bias_hi, slot, seen_ptr,
           seen_stride, counts_ptr, presence, frequency, repetition,
           HAS_BIAS: tl.constexpr, HAS_PENALTIES: tl.constexpr):
     """The logits ``x`` at columns ``cols`` (within [start, stop), not
-    necessarily all of them) after the row's logit_bias and penalties:
-    ``sampler.apply_logit_bias`` then ``sampler.apply_penalties``, the same
-    arithmetic. -> the edited logits, and the bias entry (and its column)
-    the next tile starts from.
-
-    The row's bias entries are sorted by column and tiles come in column
-    order, so a tile looks only at its own: one comparison for a tile
-    without any.
-    """
+    necessarily all of them; ``runs``: see ``_seen_bits``) after the row's
+    logit_bias and penalties: ``sampler.apply_logit_bias`` then
+    ``sampler.apply_penalties``, the same arithmetic. -> the edited logits,
+    and the bias entry (and its column) the next tile starts from."""
     if HAS_BIAS:
-        while next_col < stop:
-            if next_col >= start:
-                x = tl.where(cols == next_col,
-                             x + tl.load(bias_values_ptr + entry), x)
-            entry += 1
-            next_col = _bias_column(bias_keys_ptr, entry, bias_hi, row_start)
+        x, entry, next_col = _add_bias(x, cols, start, stop, row_start,
+                                       bias_keys_ptr, bias_values_ptr, entry,
+                                       next_col, bias_hi)
     if HAS_PENALTIES:
         if slot >= 0:
-            # The seen bits are few bytes; the counts are read only where
-            # a bit is set.
-            words = tl.load(seen_ptr + slot * seen_stride + cols // 32,
-                            mask=cols < vocab_size,
-                            other=0)
-            seen = ((words >> (cols % 32)) & 1) != 0
-            count = tl.load(counts_ptr + slot * vocab_size + cols,
-                            mask=seen,
-                            other=0)
-            in_output = count > 0
-            # IEEE division, as torch's: x / r must round the same way.
-            penalised = tl.where(x > 0, tl.math.div_rn(x, repetition),
-                                 x * repetition)
-            x = tl.where(seen, penalised, x)
-            x = (x - frequency * count.to(tl.float32) -
-                 presence * in_output.to(tl.float32))
+            x = _penalise_seen(x, cols, runs, start, vocab_size,
+                               seen_ptr + slot * seen_stride,
+                               counts_ptr + slot * vocab_size, presence,
+                               frequency, repetition)
     return x, entry, next_col
+
+
+@triton.jit
+def _by_thread(x, ROWS: tl.constexpr, SEGMENT: tl.constexpr):
+    """``x`` [ROWS, SEGMENT] as [ROWS, SEGMENT // 8, 8], each thread's 8
+    columns on the last axis."""
+    return tl.reshape(x, [ROWS, SEGMENT // 8, 8])
+
+
+@triton.jit
+def _segment_max(x, ROWS: tl.constexpr, SEGMENT: tl.constexpr):
+    """The max of each row of ``x`` [ROWS, SEGMENT], reduced over each
+    thread's columns first: then it is laid out as [ROWS, SEGMENT // 8]
+    tensors are, one element a thread (not 8, as [ROWS, SEGMENT] ones)."""
+    return tl.max(tl.max(_by_thread(x, ROWS, SEGMENT), axis=2), axis=1)
+
+
+@triton.jit
+def _tiles_seen(seen_row, chunk_start, vocab_size, TILE: tl.constexpr,
+                CHUNK_TILES: tl.constexpr):
+    """Bit t: whether tile t of the chunk from ``chunk_start`` has a seen
+    bit set (one reduction a chunk, not one a tile)."""
+    words = (chunk_start // 32 + tl.arange(0, CHUNK_TILES)[:, None] *
+             (TILE // 32) + tl.arange(0, TILE // 32)[None, :])
+    seen = tl.reduce_or(tl.load(seen_row + words,
+                                mask=words * 32 < vocab_size,
+                                other=0),
+                        axis=1) != 0
+    return tl.sum(tl.where(seen, 1 << tl.arange(0, CHUNK_TILES), 0), axis=0)
 
 
 @triton.jit
@@ -198,66 +287,105 @@ def _stats_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
     # A tile as [ROWS, SEGMENT]: segment r of the tile is its row r.
     cols = (tl.arange(0, ROWS)[:, None] * SEGMENT +
             tl.arange(0, SEGMENT)[None, :])
+    # cols // 8 of each thread's 8 columns (``_seen_bits``).
+    runs = (tl.arange(0, ROWS)[:, None] * (SEGMENT // 8) +
+            tl.arange(0, SEGMENT // 8)[None, :])
+    # The chunk's segment maxima, segment r of tile t at [r, t], stored
+    # after the last tile: no stores (nor exchanges between warps to make
+    # them) per tile.
+    tiles = tl.arange(0, CHUNK_TILES)[None, :]
+    segment_maxima = tl.full([ROWS, CHUNK_TILES], float("-inf"), tl.float32)
+    edited_segment_maxima = segment_maxima
     # Sums of x - shift, with the row's first logit as the shift: a logit
     # lies within a few σ of the mean, so E[d²] - E[d]² cancels little.
     first = tl.load(x_row).to(tl.float32)
     shift = tl.where(tl.abs(first) < float("inf"), first, 0.0)
-    edited_max = tl.full([ROWS], float("-inf"), tl.float32)
     count = tl.zeros([ROWS, SEGMENT], tl.float32)
     total = tl.zeros([ROWS, SEGMENT], tl.float32)
     squares = tl.zeros([ROWS, SEGMENT], tl.float32)
-    # sum(exp(raw - raw_max)) per lane, raw_max the chunk's max so far: one
-    # exp per logit, the rescale once per tile.
-    raw_max = tl.full([], float("-inf"), tl.float32)
-    sum_exp = tl.zeros([ROWS, SEGMENT], tl.float32)
+    # Per row of the tile (segment): the raw max so far, and per lane the
+    # sum of exp(raw - that max), rescaled when it grows: no reduction
+    # across warps per tile. The max is kept scaled by log2(e) too, and at
+    # least -FLT_MAX there, so that no difference is inf - inf.
+    raw_max = tl.full([ROWS], float("-inf"), tl.float32)
+    scaled_max = tl.full([ROWS], -_FLT_MAX, tl.float32)
+    sum_exp = tl.zeros([ROWS, SEGMENT // 8, 8], tl.float32)
     row_start = row.to(tl.int64) * vocab_size
     entry = bias_lo
     next_col = _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
                                   HAS_BIAS)
-    x_next = _load(x_row, chunk_start + cols, end)
+    # A penalised row's seen bits and counts, and which of the chunk's
+    # tiles have a bit set: the others skip the penalties.
+    tiles_seen = 0
+    if STATS and HAS_PENALTIES:
+        seen_row = seen_ptr + slot * seen_stride
+        counts_row = counts_ptr + slot * vocab_size
+        if slot >= 0:
+            tiles_seen = _tiles_seen(seen_row, chunk_start, vocab_size, TILE,
+                                     CHUNK_TILES)
+    x_next = _load(x_row + chunk_start, cols, end - chunk_start)
     for tile in range(CHUNK_TILES):
         start = chunk_start + tile * TILE
         raw = x_next
-        x_next = _load(x_row, start + TILE + cols, end)
-        segments = start // SEGMENT + tl.arange(0, ROWS)
+        x_next = _load(x_row + start + TILE, cols, end - start - TILE)
         if LOGPROBS:
-            segment_max = tl.max(raw, axis=1)
-            tl.store(segment_max_ptr + row.to(tl.int64) * num_segments +
-                     segments,
-                     segment_max,
-                     mask=segments < num_segments)
-            new_max = tl.maximum(raw_max, tl.max(segment_max, axis=0))
-            if new_max > float("-inf"):  # else every logit so far is -inf
-                sum_exp = (sum_exp * tl.exp(raw_max - new_max) +
-                           tl.exp(raw - new_max))
-                raw_max = new_max
+            segment_max = _segment_max(raw, ROWS, SEGMENT)
+            segment_maxima = tl.where(tiles == tile, segment_max[:, None],
+                                      segment_maxima)
+            raw_max = tl.maximum(raw_max, segment_max)
+            scaled = tl.maximum(raw_max * _LOG2E, -_FLT_MAX)
+            sum_exp = (sum_exp * tl.exp2(scaled_max - scaled)[:, None, None] +
+                       tl.exp2(
+                           _by_thread(raw, ROWS, SEGMENT) * _LOG2E -
+                           scaled[:, None, None]))
+            scaled_max = scaled
         if STATS:
-            x, entry, next_col = _edit(raw, start + cols, start, start + TILE,
-                                       row_start, vocab_size, bias_keys_ptr,
-                                       bias_values_ptr, entry, next_col,
-                                       bias_hi, slot, seen_ptr, seen_stride,
-                                       counts_ptr, presence, frequency,
-                                       repetition, HAS_BIAS, HAS_PENALTIES)
-            edited_segment_max = tl.max(x, axis=1)
-            edited_max = tl.maximum(edited_max, edited_segment_max)
-            if SEGMENTS:
-                tl.store(edited_segment_max_ptr +
-                         row.to(tl.int64) * num_segments + segments,
-                         edited_segment_max,
-                         mask=segments < num_segments)
+            # ``_edit``, its parts called here: the row's pointers are
+            # computed once, and the tiles without a seen bit skip the
+            # penalties.
+            x = raw
+            if HAS_BIAS:
+                x, entry, next_col = _add_bias(x, start + cols, start,
+                                               start + TILE, row_start,
+                                               bias_keys_ptr, bias_values_ptr,
+                                               entry, next_col, bias_hi)
+            if HAS_PENALTIES:
+                if (tiles_seen >> tile) & 1:
+                    x = _penalise_seen(x, start + cols, start // 8 + runs,
+                                       start, vocab_size, seen_row, counts_row,
+                                       presence, frequency, repetition)
+            edited_segment_maxima = tl.where(
+                tiles == tile,
+                _segment_max(x, ROWS, SEGMENT)[:, None], edited_segment_maxima)
             if SIGMA:
+                # Only the finite logits count: predicated sums.
                 finite = tl.abs(x) < float("inf")
-                d = tl.where(finite, x - shift, 0.0)
-                count += finite.to(tl.float32)
-                total += d
-                squares += d * d
+                d = x - shift
+                count = tl.where(finite, count + 1.0, count)
+                total = tl.where(finite, total + d, total)
+                squares = tl.where(finite, squares + d * d, squares)
+    segments = (chunk * (CHUNK_TILES * ROWS) + tiles * ROWS +
+                tl.arange(0, ROWS)[:, None])
+    at = row.to(tl.int64) * num_segments + segments
+    if LOGPROBS:
+        tl.store(segment_max_ptr + at,
+                 segment_maxima,
+                 mask=segments < num_segments)
+    if SEGMENTS:
+        tl.store(edited_segment_max_ptr + at,
+                 edited_segment_maxima,
+                 mask=segments < num_segments)
     out = stats_ptr + (row.to(tl.int64) * num_chunks + chunk) * 6
-    tl.store(out, tl.max(edited_max, axis=0))
+    tl.store(out, tl.max(tl.max(edited_segment_maxima, axis=1), axis=0))
     tl.store(out + 1, tl.sum(tl.sum(count, axis=1), axis=0))
     tl.store(out + 2, tl.sum(tl.sum(total, axis=1), axis=0))
     tl.store(out + 3, tl.sum(tl.sum(squares, axis=1), axis=0))
-    tl.store(out + 4, raw_max)
-    tl.store(out + 5, tl.sum(tl.sum(sum_exp, axis=1), axis=0))
+    # The chunk's raw max, and sum(exp(x - it)).
+    chunk_max = tl.max(raw_max, axis=0)
+    rescale = tl.exp2(scaled_max - tl.maximum(chunk_max * _LOG2E, -_FLT_MAX))
+    tl.store(out + 4, chunk_max)
+    tl.store(out + 5,
+             tl.sum(tl.sum(tl.sum(sum_exp, axis=2), axis=1) * rescale, axis=0))
 
 
 @triton.jit
@@ -490,7 +618,8 @@ def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
             vocab_size, CANDIDATES, ROWS, SEGMENT, CHUNK_SEGMENTS)
         read = segments < num_segments
         x, entry, next_col = _edit(
-            x, cols,
+            x, cols, segments[:, None] * (SEGMENT // 8) +
+            tl.arange(0, SEGMENT // 8)[None, :],
             tl.min(segments, axis=0) * SEGMENT,
             (tl.max(tl.where(read, segments, -1), axis=0) + 1) * SEGMENT,
             row_start, vocab_size, bias_keys_ptr, bias_values_ptr, entry,
@@ -945,8 +1074,8 @@ def _edit_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
     x = tl.load(x_at, mask=mask, other=0.0)
     row_start = row.to(tl.int64) * vocab_size
     x, _, _ = _edit(
-        x, cols, start, start + BLOCK, row_start, vocab_size, bias_keys_ptr,
-        bias_values_ptr, bias_lo,
+        x, cols, start // 8 + tl.arange(0, BLOCK // 8), start, start + BLOCK,
+        row_start, vocab_size, bias_keys_ptr, bias_values_ptr, bias_lo,
         _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
                            HAS_BIAS), bias_hi, slot, seen_ptr, seen_stride,
         counts_ptr, presence, frequency, repetition, HAS_BIAS, HAS_PENALTIES)
