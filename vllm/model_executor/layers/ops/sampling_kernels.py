@@ -77,6 +77,16 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
+# triton.cdiv and triton.next_power_of_2 are constexpr functions, a few
+# microseconds a call from Python: these are plain integer arithmetic.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _columns_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -769,7 +779,7 @@ def _edit_args(bias: "LogitBias | None",
 
 
 def _num_segments(vocab_size: int) -> int:
-    return triton.cdiv(vocab_size, _SEGMENT)
+    return _cdiv(vocab_size, _SEGMENT)
 
 
 def _host_outputs(num_rows: int, k: int | None,
@@ -797,7 +807,7 @@ def _top_k_with_torch(x: torch.Tensor, k: int, ids: torch.Tensor,
 
 
 def _num_chunks(vocab_size: int) -> int:
-    return triton.cdiv(vocab_size, _CHUNK_TILES * _TILE)
+    return _cdiv(vocab_size, _CHUNK_TILES * _TILE)
 
 
 @dataclass
@@ -892,13 +902,13 @@ def _logprobs_args(x: torch.Tensor, num_logprobs: int | None,
         scratch.segment_max if outputs else None, k, ids, values, k + 1, ranks,
         scratch.lp_stats
     ]
-    constants = dict(
-        TOP_K=0 < k <= _MAX_KERNEL_TOP_K,
-        SEGMENT=_SEGMENT,
-        SEGMENT_BLOCK=_SEGMENT_BLOCK,
-        NUM_SEGMENTS_POW2=triton.next_power_of_2(_num_segments(vocab_size)),
-        K_POW2=triton.next_power_of_2(max(k, 1)),
-        CHUNKS_POW2=triton.next_power_of_2(_num_chunks(vocab_size)))
+    constants = dict(TOP_K=0 < k <= _MAX_KERNEL_TOP_K,
+                     SEGMENT=_SEGMENT,
+                     SEGMENT_BLOCK=_SEGMENT_BLOCK,
+                     NUM_SEGMENTS_POW2=_next_power_of_2(
+                         _num_segments(vocab_size)),
+                     K_POW2=_next_power_of_2(max(k, 1)),
+                     CHUNKS_POW2=_next_power_of_2(_num_chunks(vocab_size)))
     return args, constants
 
 
@@ -1045,12 +1055,12 @@ def seeded_log_q(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
                       device=token_ids.device)
     block = 1024
     if num_rows and width:
-        _seeded_log_q_kernel[(num_rows, triton.cdiv(width, block))](keys,
-                                                                    token_ids,
-                                                                    out,
-                                                                    width,
-                                                                    BLOCK=block,
-                                                                    num_warps=4)
+        _seeded_log_q_kernel[(num_rows, _cdiv(width, block))](keys,
+                                                              token_ids,
+                                                              out,
+                                                              width,
+                                                              BLOCK=block,
+                                                              num_warps=4)
     return out
 
 
@@ -1091,16 +1101,15 @@ def edit(x: torch.Tensor, bias: "LogitBias | None",
         return
     num_rows, vocab_size = x.shape
     block = 2048
-    _edit_kernel[(num_rows, triton.cdiv(vocab_size,
-                                        block))](x,
-                                                 x.stride(0),
-                                                 vocab_size,
-                                                 *_edit_args(bias, penalties),
-                                                 HAS_BIAS=bias is not None,
-                                                 HAS_PENALTIES=penalties
-                                                 is not None,
-                                                 BLOCK=block,
-                                                 num_warps=4)
+    _edit_kernel[(num_rows, _cdiv(vocab_size,
+                                  block))](x,
+                                           x.stride(0),
+                                           vocab_size,
+                                           *_edit_args(bias, penalties),
+                                           HAS_BIAS=bias is not None,
+                                           HAS_PENALTIES=penalties is not None,
+                                           BLOCK=block,
+                                           num_warps=4)
 
 
 # --------------------------------------------------------------- row_stats
@@ -1124,14 +1133,13 @@ def row_stats(x: torch.Tensor,
     stats, _, _ = _stats(x, None, None, True, sigma, False)
     out = torch.empty(2, num_rows, dtype=torch.float32, device=x.device)
     num_chunks = _num_chunks(vocab_size)
-    _row_stats_kernel[(num_rows, )](
-        stats,
-        num_chunks,
-        out[0],
-        out[1],
-        SIGMA=sigma,
-        CHUNKS_POW2=triton.next_power_of_2(num_chunks),
-        num_warps=1)
+    _row_stats_kernel[(num_rows, )](stats,
+                                    num_chunks,
+                                    out[0],
+                                    out[1],
+                                    SIGMA=sigma,
+                                    CHUNKS_POW2=_next_power_of_2(num_chunks),
+                                    num_warps=1)
     return out[0], out[1] if sigma else None
 
 
@@ -1203,15 +1211,14 @@ def mark_tokens(counts: torch.Tensor,
     if num_keys == 0:
         return
     block = 256
-    _mark_tokens_kernel[(triton.cdiv(num_keys,
-                                     block), )](keys,
-                                                num_keys,
-                                                *(add or (None, None)),
-                                                counts,
-                                                seen,
-                                                seen.stride(0),
-                                                counts.shape[1],
-                                                COUNT=count,
-                                                ADD_TOKENS=add is not None,
-                                                BLOCK=block,
-                                                num_warps=4)
+    _mark_tokens_kernel[(_cdiv(num_keys, block), )](keys,
+                                                    num_keys,
+                                                    *(add or (None, None)),
+                                                    counts,
+                                                    seen,
+                                                    seen.stride(0),
+                                                    counts.shape[1],
+                                                    COUNT=count,
+                                                    ADD_TOKENS=add is not None,
+                                                    BLOCK=block,
+                                                    num_warps=4)
