@@ -124,7 +124,8 @@ class SamplingState:
     NOTE: a sequence keeps the parameters, generator and token lists it had
     when it joined; its output list may only grow by appending (as
     ``Sequence.output_token_ids`` does). A list that changed otherwise is
-    converted again.
+    converted again. Sample with the metadata of the last ``prepare``: its
+    ``StepRecord`` is the one the next ``prepare`` reads.
     """
 
     def __init__(self, device: torch.device) -> None:
