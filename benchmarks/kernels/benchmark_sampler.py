@@ -19,14 +19,16 @@ finish and are replaced by new ones (0: the batch never changes). One
 ``SamplingState`` lives across all the steps of a config, as in the engine;
 the "stateless prepare" row builds every tensor at every step with
 ``SamplingMetadata.prepare`` instead. Steps are timed with CUDA events (on
-CPU: ``time.perf_counter``) after warm-up steps; the table shows the median
-and the 10th / 90th percentiles of the repeats, the host time of
-``prepare`` alone, that of the ``Sampler`` call (on a GPU: CUDA events
-around its launches, the device time of its kernels when the host keeps
-ahead of them), the host time of that call ("launch": on a GPU, its
-launches) and of ``to_host`` (copies, wait, lists). The engine runs ``prepare`` while the GPU still computes
-the model's forward pass, so on a GPU the host part is partly hidden in a
-real step.
+CPU: ``time.perf_counter``) after warm-up steps, the configs taking turns
+(``--rounds``: the host's speed drifts by tens of percent within a minute,
+and the ratios to greedy should not); the table shows the median and the
+10th / 90th percentiles of the repeats, the host time of ``prepare``
+alone, that of the ``Sampler`` call (on a GPU: CUDA events around its
+launches, the device time of its kernels when the host keeps ahead of
+them), the host time of that call ("launch": on a GPU, its launches) and
+of ``to_host`` (copies, wait, lists). The engine runs ``prepare`` while the
+GPU still computes the model's forward pass, so on a GPU the host part is
+partly hidden in a real step.
 """
 import argparse
 import dataclasses
@@ -131,121 +133,147 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def bench_config(make_params: Callable[[int, int], SamplingParams],
-                 keep_state: bool, args: argparse.Namespace,
-                 device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    batch, vocab = args.batch_size, args.vocab_size
-    rng = random.Random(0)
-    next_id = 0
+class ConfigBench:
+    """One config's sequences, state and timings: ``measure`` runs timed
+    steps, and may be called several times, in turn with other configs
+    (``--rounds``), so that each sees the same host speed."""
 
-    def new_sequence() -> tuple[int, SamplingParams, torch.Generator | None,
-                                list[int], list[int]]:
-        nonlocal next_id
-        next_id += 1
-        p = make_params(next_id, vocab)
+    def __init__(self, make_params: Callable[[int, int], SamplingParams],
+                 keep_state: bool, args: argparse.Namespace,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.args, self.device = args, device
+        self.make_params, self.keep_state = make_params, keep_state
+        self.rng = random.Random(0)
+        self.next_id = 0
+        self.seqs = [self.new_sequence() for _ in range(args.batch_size)]
+        self.logits = (
+            torch.randn(args.batch_size, args.vocab_size, device=device) *
+            3).to(dtype)
+        self.sampler = Sampler()
+        self.state = SamplingState(device)
+        self.cache = TokenHistoryCache()
+        self.use_cuda = device.type == "cuda"
+        self.step_ms: list[float] = []
+        self.prepare_ms: list[float] = []
+        # The Sampler call alone: on CUDA, events around its launches (the
+        # device time of its kernels, when the host launches them faster
+        # than they run); on CPU, its time.
+        self.sampler_times: list[tuple[Any, Any]] = []
+        # Host time of the Sampler call (its launches) and of to_host (the
+        # copies, the wait for the device, the lists).
+        self.launch_ms: list[float] = []
+        self.to_host_ms: list[float] = []
+        for _ in range(args.warmup):
+            self.next_step(self.step())
+        if args.profile:
+            profile_steps(lambda: self.next_step(self.step()), self.use_cuda)
+        if self.use_cuda:
+            torch.cuda.synchronize()
+        for times in (self.prepare_ms, self.sampler_times, self.launch_ms,
+                      self.to_host_ms):
+            times.clear()
+
+    def new_sequence(
+        self
+    ) -> tuple[int, SamplingParams, torch.Generator | None, list[int],
+               list[int]]:
+        args, vocab = self.args, self.args.vocab_size
+        self.next_id += 1
+        p = self.make_params(self.next_id, vocab)
         # The engine keeps one host generator per seeded request across
         # steps.
         generator = (None if p.seed is None else torch.Generator().manual_seed(
             p.seed))
-        prompt = [rng.randrange(vocab) for _ in range(args.prompt_len)]
-        output = [rng.randrange(vocab) for _ in range(args.output_len)]
-        return next_id, p, generator, prompt, output
+        prompt = [self.rng.randrange(vocab) for _ in range(args.prompt_len)]
+        output = [self.rng.randrange(vocab) for _ in range(args.output_len)]
+        return self.next_id, p, generator, prompt, output
 
-    seqs = [new_sequence() for _ in range(batch)]
-    logits = (torch.randn(batch, vocab, device=device) * 3).to(dtype)
-    sampler = Sampler()
-    state = SamplingState(device)
-    cache = TokenHistoryCache()
-
-    def prepare() -> SamplingMetadata:
-        seq_ids, params, generators, prompts, outputs = map(list, zip(*seqs))
-        if keep_state:
-            return state.prepare(seq_ids, params, generators, outputs, prompts,
-                                 vocab)
+    def prepare(self) -> SamplingMetadata:
+        seq_ids, params, generators, prompts, outputs = map(
+            list, zip(*self.seqs))
+        vocab = self.args.vocab_size
+        if self.keep_state:
+            return self.state.prepare(seq_ids, params, generators, outputs,
+                                      prompts, vocab)
         return SamplingMetadata.prepare(params,
                                         generators,
                                         outputs,
                                         prompts,
                                         vocab_size=vocab,
-                                        device=device,
-                                        history_cache=cache)
+                                        device=self.device,
+                                        history_cache=self.cache)
 
-    use_cuda = device.type == "cuda"
-    prepare_ms: list[float] = []
-    # The Sampler call alone: on CUDA, events around its launches (the
-    # device time of its kernels, when the host launches them faster than
-    # they run); on CPU, its time.
-    sampler_times: list[tuple[Any, Any]] = []
-    # Host time of the Sampler call (its launches) and of to_host (the
-    # copies, the wait for the device, the lists).
-    launch_ms: list[float] = []
-    to_host_ms: list[float] = []
-
-    def step() -> list[int]:
+    def step(self) -> list[int]:
+        use_cuda = self.use_cuda
         t0 = time.perf_counter()
-        metadata = prepare()
+        metadata = self.prepare()
         # Host time of prepare alone (its copies are asynchronous).
-        prepare_ms.append((time.perf_counter() - t0) * 1e3)
-        before = torch.cuda.Event(
+        self.prepare_ms.append((time.perf_counter() - t0) * 1e3)
+        before: Any = torch.cuda.Event(
             enable_timing=True) if use_cuda else time.perf_counter()
         if use_cuda:
             before.record()
         t1 = time.perf_counter()
-        out = sampler(logits, metadata)
-        launch_ms.append((time.perf_counter() - t1) * 1e3)
-        after = torch.cuda.Event(
+        out = self.sampler(self.logits, metadata)
+        self.launch_ms.append((time.perf_counter() - t1) * 1e3)
+        after: Any = torch.cuda.Event(
             enable_timing=True) if use_cuda else time.perf_counter()
         if use_cuda:
             after.record()
-        sampler_times.append((before, after))
-        if keep_state:
-            state.sampled(out.sampled_token_ids)
+        self.sampler_times.append((before, after))
+        if self.keep_state:
+            self.state.sampled(out.sampled_token_ids)
         t2 = time.perf_counter()
         sampled = out.to_host()[0]
-        to_host_ms.append((time.perf_counter() - t2) * 1e3)
+        self.to_host_ms.append((time.perf_counter() - t2) * 1e3)
         return sampled
 
-    def next_step(sampled: list[int]) -> None:
-        for seq, token in zip(seqs, sampled):
+    def next_step(self, sampled: list[int]) -> None:
+        for seq, token in zip(self.seqs, sampled):
             seq[4].append(token)
-        for _ in range(args.replace_per_step):
-            seqs[rng.randrange(batch)] = new_sequence()
+        for _ in range(self.args.replace_per_step):
+            self.seqs[self.rng.randrange(
+                self.args.batch_size)] = (self.new_sequence())
 
-    for _ in range(args.warmup):
-        next_step(step())
-    if args.profile:
-        profile_steps(lambda: next_step(step()), use_cuda)
-    if use_cuda:
-        torch.cuda.synchronize()
-    for times in (prepare_ms, sampler_times, launch_ms, to_host_ms):
-        times.clear()
+    def measure(self, num_steps: int) -> None:
+        for _ in range(num_steps):
+            if self.use_cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                sampled = self.step()
+                end.record()
+                torch.cuda.synchronize()
+                self.step_ms.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                sampled = self.step()
+                self.step_ms.append((time.perf_counter() - t0) * 1e3)
+            self.next_step(sampled)
 
-    step_ms: list[float] = []
-    for _ in range(args.repeats):
-        if use_cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            sampled = step()
-            end.record()
-            torch.cuda.synchronize()
-            step_ms.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            sampled = step()
-            step_ms.append((time.perf_counter() - t0) * 1e3)
-        next_step(sampled)
-    sampler_ms = [(before.elapsed_time(after) if use_cuda else
-                   (after - before) * 1e3) for before, after in sampler_times]
-    return {
-        "median_ms": statistics.median(step_ms),
-        "p10_ms": percentile(step_ms, 0.1),
-        "p90_ms": percentile(step_ms, 0.9),
-        "prepare_host_median_ms": statistics.median(prepare_ms),
-        "sampler_median_ms": statistics.median(sampler_ms),
-        "sampler_host_median_ms": statistics.median(launch_ms),
-        "to_host_median_ms": statistics.median(to_host_ms),
-    }
+    def result(self) -> dict[str, Any]:
+        step_ms = self.step_ms
+        sampler_ms = [(before.elapsed_time(after) if self.use_cuda else
+                       (after - before) * 1e3)
+                      for before, after in self.sampler_times]
+        return {
+            "median_ms": statistics.median(step_ms),
+            "p10_ms": percentile(step_ms, 0.1),
+            "p90_ms": percentile(step_ms, 0.9),
+            "prepare_host_median_ms": statistics.median(self.prepare_ms),
+            "sampler_median_ms": statistics.median(sampler_ms),
+            "sampler_host_median_ms": statistics.median(self.launch_ms),
+            "to_host_median_ms": statistics.median(self.to_host_ms),
+        }
+
+
+def bench_config(make_params: Callable[[int, int], SamplingParams],
+                 keep_state: bool, args: argparse.Namespace,
+                 device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """One config alone: warm-up, then ``args.repeats`` timed steps."""
+    bench = ConfigBench(make_params, keep_state, args, device, dtype)
+    bench.measure(args.repeats)
+    return bench.result()
 
 
 def profile_steps(run_step: Callable[[], None], use_cuda: bool) -> None:
@@ -284,6 +312,12 @@ def main() -> None:
                         "ones after each step")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rounds",
+                        type=int,
+                        default=None,
+                        help="the repeats of each config run in this many "
+                        "turns, the configs taking turns (default: 5 on "
+                        "CUDA, 1 on CPU)")
     parser.add_argument("--configs",
                         nargs="+",
                         choices=list(CONFIGS),
@@ -307,6 +341,9 @@ def main() -> None:
         args.warmup = 10 if on_gpu else 2
     if args.repeats is None:
         args.repeats = 50 if on_gpu else 5
+    if args.rounds is None:
+        args.rounds = 5 if on_gpu else 1
+    args.rounds = max(1, min(args.rounds, args.repeats))
     dtype = getattr(torch, args.dtype)
     if "greedy" not in args.configs:
         args.configs.insert(0, "greedy")  # the reference of the ratios
@@ -319,10 +356,17 @@ def main() -> None:
           f"sequences replaced per step, {args.repeats} repeats after "
           f"{args.warmup} warm-up steps")
 
-    results = {
-        name: bench_config(*CONFIGS[name], args, device, dtype)
+    benches = {
+        name: ConfigBench(*CONFIGS[name], args, device, dtype)
         for name in args.configs
     }
+    # Round-robin: every config's steps spread over the same stretch of
+    # time, so a host that speeds up or slows down moves them all alike.
+    for i in range(args.rounds):
+        for bench in benches.values():
+            bench.measure(args.repeats * (i + 1) // args.rounds -
+                          args.repeats * i // args.rounds)
+    results = {name: bench.result() for name, bench in benches.items()}
     base = results["greedy"]["median_ms"]
     for result in results.values():
         result["vs_greedy"] = result["median_ms"] / base
