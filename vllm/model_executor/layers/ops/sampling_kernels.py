@@ -747,7 +747,7 @@ def _finish_row(row, x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
 
 @triton.jit(do_not_specialize=["k"])
 def _finish_kernel(x_ptr, row_stride, vocab_size, token_ptr, stats_ptr,
-                   num_chunks, segment_max_ptr, num_segments, k, lp_ids_ptr,
+                   num_chunks, num_segments, segment_max_ptr, k, lp_ids_ptr,
                    lp_values_ptr, lp_stride, ranks_ptr, lp_stats_ptr,
                    TOP_K: tl.constexpr, SEGMENT: tl.constexpr,
                    SEGMENT_BLOCK: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
@@ -890,8 +890,8 @@ def _stats(
 
 def _logprobs_args(x: torch.Tensor, num_logprobs: int | None,
                    outputs: tuple[torch.Tensor, ...]) -> tuple[list, dict]:
-    """``_finish_row``'s logprobs arguments (from ``segment_max_ptr`` to
-    ``lp_stats_ptr``, the segment maxima first) and constants, for
+    """The kernels' logprobs arguments (``segment_max_ptr``, then ``k`` to
+    ``lp_stats_ptr``) and constants, for
     ``num_logprobs`` (None: none) into ``outputs`` (ids, log probabilities,
     ranks: see ``_host_outputs``)."""
     num_rows, vocab_size = x.shape
@@ -1168,9 +1168,8 @@ def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
         token_ids.to(torch.int64).reshape(num_rows).contiguous(),
         stats,
         _num_chunks(vocab_size),
-        lp_args[0],
         _num_segments(vocab_size),
-        *lp_args[1:],
+        *lp_args,
         **lp_constants,
         num_warps=_NUM_WARPS)
     _top_k_elsewhere(logits, k, tuple(outputs))
