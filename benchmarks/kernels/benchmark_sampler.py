@@ -153,6 +153,10 @@ class ConfigBench:
         self.state = SamplingState(device)
         self.cache = TokenHistoryCache()
         self.use_cuda = device.type == "cuda"
+        # Events record on this stream, named: without it each record asks
+        # which device is current, host time that would count in the step.
+        self.stream = torch.cuda.current_stream(
+            device) if self.use_cuda else None
         self.step_ms: list[float] = []
         self.prepare_ms: list[float] = []
         # The Sampler call alone: on CUDA, events around its launches (the
@@ -212,14 +216,14 @@ class ConfigBench:
         before: Any = torch.cuda.Event(
             enable_timing=True) if use_cuda else time.perf_counter()
         if use_cuda:
-            before.record()
+            before.record(self.stream)
         t1 = time.perf_counter()
         out = self.sampler(self.logits, metadata)
         self.launch_ms.append((time.perf_counter() - t1) * 1e3)
         after: Any = torch.cuda.Event(
             enable_timing=True) if use_cuda else time.perf_counter()
         if use_cuda:
-            after.record()
+            after.record(self.stream)
         self.sampler_times.append((before, after))
         if self.keep_state:
             self.state.sampled(out.sampled_token_ids)
@@ -240,9 +244,9 @@ class ConfigBench:
             if self.use_cuda:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
-                start.record()
+                start.record(self.stream)
                 sampled = self.step()
-                end.record()
+                end.record(self.stream)
                 torch.cuda.synchronize()
                 self.step_ms.append(start.elapsed_time(end))
             else:

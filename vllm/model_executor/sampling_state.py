@@ -107,7 +107,15 @@ class _Batch:
     # The step keys on the device [S] int64, and the steps (output lengths)
     # they are for; None until uploaded.
     step_keys_dev: torch.Tensor | None = None
-    key_steps: np.ndarray | None = None
+    key_steps: list[int] | None = None
+    # The penalised rows' output lists whose tokens the device counts hold
+    # (``SamplingState._outputs`` of their slots, in row order; None until
+    # counted), and whether the last token of each is known only to the
+    # device (``_UNKNOWN``). They spare a steady step the slot lookups.
+    counted: list[list[int]] | None = None
+    last_unknown: bool = False
+    # The penalties of the last step, while their tensors stay the same.
+    penalties: PenaltyCounts | None = None
 
 
 def _pick(items: list, index: np.ndarray) -> list:
@@ -208,14 +216,12 @@ class SamplingState:
                                      host, sampled)
         upload_keys = False
         if batch.seeded_rows:
-            steps = np.fromiter(
-                (len(output_token_ids[row]) for row in batch.seeded_rows),
-                dtype=np.int64,
-                count=len(batch.seeded_rows))
-            upload_keys = (batch.key_steps is None
-                           or not np.array_equal(steps, batch.key_steps))
+            steps = list(
+                map(len, map(output_token_ids.__getitem__, batch.seeded_rows)))
+            upload_keys = steps != batch.key_steps
             if upload_keys:
-                host.add("seeded_keys", step_keys(batch.seeded_keys, steps),
+                host.add("seeded_keys",
+                         step_keys(batch.seeded_keys, np.array(steps)),
                          np.int64)
                 batch.key_steps = steps
         get = host.to_device()
@@ -266,9 +272,10 @@ class SamplingState:
         slots = batch.penalised_slots
         self._output_len[slots] += 1
         self._last_token[slots] = _UNKNOWN
+        batch.last_unknown = True
         if batch.key_steps is not None:
             batch.step_keys_dev = record.next_keys
-            batch.key_steps = batch.key_steps + 1
+            batch.key_steps = [step + 1 for step in batch.key_steps]
 
     # ------------------------------------------------------------ slots
     def _admit(self, seq_id: int, params: SamplingParams,
@@ -549,16 +556,33 @@ class SamplingState:
         # Plain lists first: each pass over the rows costs on every step.
         lengths_list = list(map(len, outputs))
         known = self._output_len[slots]
-        if all(map(operator.is_, outputs, self._outputs[slots])):
-            if (lengths_list == known.tolist()
-                    and (self._last_token[slots] == _UNKNOWN).all()):
+        if (batch.counted is not None
+                and all(map(operator.is_, outputs, batch.counted))):
+            if batch.last_unknown and lengths_list == known.tolist():
                 # The sampler counted each new token (``StepRecord``).
                 return _CountsUpdate()
             if (sampled is not None and sampled[0] is batch.seq_ids
                     and lengths_list == (known + 1).tolist()):
                 self._output_len[slots] += 1
                 self._last_token[slots] = _UNKNOWN
+                batch.last_unknown = True
                 return _CountsUpdate(sampled=sampled[1])
+        update = self._recount(batch, outputs, lengths_list, prompt_token_ids,
+                               host, sampled)
+        # Each row's list is now its slot's (the same, or rebuilt).
+        batch.counted = list(outputs)
+        batch.last_unknown = bool((self._last_token[slots] == _UNKNOWN).all())
+        return update
+
+    def _recount(
+            self, batch: _Batch, outputs: list[list[int]],
+            lengths_list: list[int], prompt_token_ids: list[list[int]],
+            host: HostBuffers,
+            sampled: tuple[list[int], torch.Tensor] | None) -> _CountsUpdate:
+        """``_update_counts`` row by row: append the one new token of the
+        outputs that grew by one, rebuild those that changed otherwise."""
+        rows, slots = batch.penalised_rows, batch.penalised_slots
+        known = self._output_len[slots]
         lengths = np.array(lengths_list, dtype=np.int64)
         grown = lengths - known
         same = np.fromiter(map(operator.is_, outputs, self._outputs[slots]),
@@ -668,10 +692,10 @@ class SamplingState:
         """Device side: apply the uploaded updates to the counts."""
         counts, seen = self._counts, self._seen
         assert counts is not None and seen is not None
-        assert batch.penalised_rows_dev is not None
-        assert batch.penalised_slots_dev is not None
-        assert batch.row_slots_dev is not None
-        assert batch.penalty_params is not None
+        if batch.penalties is not None and batch.penalties.counts is counts:
+            penalties = batch.penalties
+        else:
+            penalties = batch.penalties = self._new_penalty_counts(batch)
         if update.rebuilt:
             rebuilt = get("rebuild_slots")
             counts.index_fill_(0, rebuilt, 0)
@@ -688,11 +712,20 @@ class SamplingState:
                         add=(update.pending, get("pending_rows")))
         if update.sampled is not None:
             assert batch.slot_keys_dev is not None
+            assert batch.penalised_rows_dev is not None
             mark_tokens(counts,
                         seen,
                         batch.slot_keys_dev,
                         count=True,
                         add=(update.sampled, batch.penalised_rows_dev))
+        return penalties
+
+    def _new_penalty_counts(self, batch: _Batch) -> PenaltyCounts:
+        assert self._counts is not None and self._seen is not None
+        assert batch.penalised_rows_dev is not None
+        assert batch.penalised_slots_dev is not None
+        assert batch.row_slots_dev is not None
+        assert batch.penalty_params is not None
         presence, frequency, repetition = batch.penalty_params
         return PenaltyCounts(presence=presence,
                              frequency=frequency,
@@ -700,8 +733,8 @@ class SamplingState:
                              rows=batch.penalised_rows_dev,
                              slots=batch.penalised_slots_dev,
                              row_slots=batch.row_slots_dev,
-                             counts=counts,
-                             seen=seen)
+                             counts=self._counts,
+                             seen=self._seen)
 
 
 def mark_tokens(counts: torch.Tensor,

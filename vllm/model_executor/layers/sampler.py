@@ -172,10 +172,15 @@ class HostCopy:
                                dtype=torch.uint8,
                                pin_memory=True)
             host.untyped_storage().copy_(storage, non_blocking=True)
+            # One view per dtype, then one op per tensor.
+            typed = {
+                dtype: host.view(dtype)
+                for dtype in {t.dtype
+                              for t in tensors}
+            }
             self._tensors = [
-                host.view(t.dtype).as_strided(t.shape, t.stride(),
-                                              t.storage_offset())
-                for t in tensors
+                typed[t.dtype].as_strided(t.shape, t.stride(),
+                                          t.storage_offset()) for t in tensors
             ]
         else:
             self._tensors = [

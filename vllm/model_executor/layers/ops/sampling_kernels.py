@@ -791,11 +791,15 @@ def _host_outputs(num_rows: int, k: int | None,
     if k is None:
         return (torch.empty(num_rows, dtype=torch.int64, device=device), )
     size = num_rows * (k + 1)
-    tokens, ranks, ids, values = torch.empty(
-        2 * num_rows + size + (size + 1) // 2, dtype=torch.int64,
-        device=device).split([num_rows, num_rows, size, (size + 1) // 2])
-    return (tokens, ids.view(num_rows, k + 1),
-            values.view(torch.float32)[:size].view(num_rows, k + 1), ranks)
+    # [tokens | ranks | ids | values], each view made in one op.
+    buffer = torch.empty(2 * num_rows + size + (size + 1) // 2,
+                         dtype=torch.int64,
+                         device=device)
+    shape, strides = (num_rows, k + 1), (k + 1, 1)
+    return (buffer[:num_rows], buffer.as_strided(shape, strides, 2 * num_rows),
+            buffer.view(torch.float32).as_strided(shape, strides,
+                                                  2 * (2 * num_rows + size)),
+            buffer[num_rows:2 * num_rows])
 
 
 def _top_k_with_torch(x: torch.Tensor, k: int, ids: torch.Tensor,
