@@ -108,6 +108,9 @@ class _Batch:
     # they are for; None until uploaded.
     step_keys_dev: torch.Tensor | None = None
     key_steps: list[int] | None = None
+    # The keys of a step before, free once the sampler recorded the next
+    # ones: where it writes those of the step after (no allocation).
+    spare_keys: torch.Tensor | None = None
     # The penalised rows' output lists whose tokens the device counts hold
     # (``SamplingState._outputs`` of their slots, in row order; None until
     # counted), and whether the last token of each is known only to the
@@ -231,8 +234,10 @@ class SamplingState:
         if batch.penalised_rows:
             penalties = self._penalty_counts(batch, update, get)
         if batch.penalised_rows or batch.seeded_rows:
-            self._record = StepRecord(None if batch.step_keys_dev is None else
-                                      torch.empty_like(batch.step_keys_dev))
+            next_keys = batch.spare_keys
+            if next_keys is None and batch.step_keys_dev is not None:
+                next_keys = torch.empty_like(batch.step_keys_dev)
+            self._record = StepRecord(next_keys)
         # A shallow copy with this step's fields (dataclasses.replace would
         # run __init__ over every field: slower, at every step).
         metadata = copy.copy(batch.metadata)
@@ -274,6 +279,7 @@ class SamplingState:
         self._last_token[slots] = _UNKNOWN
         batch.last_unknown = True
         if batch.key_steps is not None:
+            batch.spare_keys = batch.step_keys_dev
             batch.step_keys_dev = record.next_keys
             batch.key_steps = [step + 1 for step in batch.key_steps]
 

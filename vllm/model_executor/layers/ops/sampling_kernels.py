@@ -32,7 +32,7 @@ flight). A sampling step is two launches over (row, chunk of
 ``sample`` runs them; ``topk_logprobs`` runs ``_stats_kernel`` and
 ``_finish_kernel`` (``_finish_row`` of each row) for given tokens. The
 intermediate results live in a buffer reused by the next call of the same
-shape (``_scratch``). Also: ``edit`` (the same edits in place on a float32 copy,
+shape (``_workspace``). Also: ``edit`` (the same edits in place on a float32 copy,
 for the top-k/top-p path, which sorts with torch), ``row_stats`` (each
 row's max and σ) and ``mark_tokens`` (``SamplingState``'s counts and seen
 bits).
@@ -778,10 +778,6 @@ def _edit_args(bias: "LogitBias | None",
     ]
 
 
-def _num_segments(vocab_size: int) -> int:
-    return _cdiv(vocab_size, _SEGMENT)
-
-
 def _host_outputs(num_rows: int, k: int | None,
                   device: torch.device) -> tuple[torch.Tensor, ...]:
     """What the host reads of a step, as views of one int64 buffer (one
@@ -810,49 +806,66 @@ def _top_k_with_torch(x: torch.Tensor, k: int, ids: torch.Tensor,
     logprobs[:, 1:] = ((values.float() - lp_stats[:, :1]) - lp_stats[:, 1:])
 
 
-def _num_chunks(vocab_size: int) -> int:
-    return _cdiv(vocab_size, _CHUNK_TILES * _TILE)
-
-
 @dataclass
-class _Scratch:
-    """The intermediate results of one call, on the device: per-chunk
-    statistics [N, chunks, _NUM_STATS], raw and edited segment maxima
-    [N, segments], each chunk's best score and its column [N, chunks], each
-    row's raw max and log-sum [N, 2]."""
+class _Workspace:
+    """The launches over logits of one shape [N, V]: the grid's chunks per
+    row, the sizes the kernels take as constants, and the intermediate
+    results on the device: per-chunk statistics [N, chunks, _NUM_STATS],
+    raw and edited segment maxima [N, segments], each chunk's best score
+    and its column [N, chunks], each row's raw max and log-sum [N, 2], and
+    per row the chunks of a ``_draw_kernel`` launch done so far (zeros,
+    which the row's last chunk puts back) [N] int32."""
+    num_chunks: int
+    num_segments: int
+    chunks_pow2: int
+    num_segments_pow2: int
     stats: torch.Tensor
     segment_max: torch.Tensor
     edited_segment_max: torch.Tensor
     best: torch.Tensor
     best_col: torch.Tensor
     lp_stats: torch.Tensor
+    arrivals: torch.Tensor
 
 
 @functools.lru_cache(maxsize=4)
-def _scratch_of(device: torch.device, num_rows: int, num_chunks: int,
-                num_segments: int) -> _Scratch:
-    """One buffer for a shape's ``_Scratch``, reused by every call of that
-    shape: a step's host work is a few launches, no allocation. Launches
-    run in order on the stream, so the next call's kernels never overwrite
-    what an earlier one still reads (the wrappers return none of it)."""
+def _workspace(device: torch.device, num_rows: int,
+               vocab_size: int) -> _Workspace:
+    """The shape's ``_Workspace``, reused by every call of that shape: a
+    step's host work is a few launches, no allocation. Launches run in
+    order on the stream, so the next call's kernels never overwrite what an
+    earlier one still reads (the wrappers return none of it)."""
+    num_chunks = _cdiv(vocab_size, _CHUNK_TILES * _TILE)
+    num_segments = _cdiv(vocab_size, _SEGMENT)
     shapes = [(num_rows, num_chunks, _NUM_STATS), (num_rows, num_segments),
               (num_rows, num_segments), (num_rows, num_chunks),
               (num_rows, num_chunks), (num_rows, 2)]
     sizes = [math.prod(shape) for shape in shapes]
     parts = torch.empty(sum(sizes), dtype=torch.float32,
                         device=device).split(sizes)
-    views = [part.view(shape) for part, shape in zip(parts, shapes)]
-    views[4] = views[4].view(torch.int32)  # best_col: the same bytes
-    return _Scratch(*views)
+    stats, segment_max, edited_segment_max, best, best_col, lp_stats = (
+        part.view(shape) for part, shape in zip(parts, shapes))
+    return _Workspace(
+        num_chunks=num_chunks,
+        num_segments=num_segments,
+        chunks_pow2=_next_power_of_2(num_chunks),
+        num_segments_pow2=_next_power_of_2(num_segments),
+        stats=stats,
+        segment_max=segment_max,
+        edited_segment_max=edited_segment_max,
+        best=best,
+        best_col=best_col.view(torch.int32),  # the same bytes
+        lp_stats=lp_stats,
+        arrivals=torch.zeros(num_rows, dtype=torch.int32, device=device))
 
 
-def _scratch(device: torch.device, num_rows: int, vocab_size: int) -> _Scratch:
-    return _scratch_of(device, num_rows, _num_chunks(vocab_size),
-                       _num_segments(vocab_size))
+def _workspace_of(x: torch.Tensor) -> _Workspace:
+    return _workspace(x.device, x.shape[0], x.shape[1])
 
 
 def _stats(
     x: torch.Tensor,
+    ws: _Workspace,
     bias: "LogitBias | None",
     penalties: "PenaltyCounts | None",
     stats: bool,
@@ -860,76 +873,63 @@ def _stats(
     logprobs: bool,
     segments: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch ``_stats_kernel`` on ``x`` (columns contiguous). -> the
-    per-chunk statistics [N, chunks, _NUM_STATS], with ``logprobs`` the raw
-    segment maxima [N, segments] and with ``segments`` the edited ones."""
+    """Launch ``_stats_kernel`` on ``x`` (columns contiguous; ``ws`` its
+    workspace). -> the per-chunk statistics [N, chunks, _NUM_STATS], with
+    ``logprobs`` the raw segment maxima [N, segments] and with ``segments``
+    the edited ones."""
     num_rows, vocab_size = x.shape
-    num_chunks = _num_chunks(vocab_size)
-    num_segments = _num_segments(vocab_size)
-    scratch = _scratch(x.device, num_rows, vocab_size)
-    out = scratch.stats
-    segment_max = scratch.segment_max if logprobs else None
-    edited_segment_max = scratch.edited_segment_max if segments else None
-    _stats_kernel[(num_rows, num_chunks)](x,
-                                          x.stride(0),
-                                          vocab_size,
-                                          *_edit_args(bias, penalties),
-                                          out,
-                                          num_chunks,
-                                          segment_max,
-                                          edited_segment_max,
-                                          num_segments,
-                                          STATS=stats,
-                                          SIGMA=sigma,
-                                          SEGMENTS=segments,
-                                          LOGPROBS=logprobs,
-                                          HAS_BIAS=bias is not None,
-                                          HAS_PENALTIES=penalties is not None,
-                                          TILE=_TILE,
-                                          SEGMENT=_SEGMENT,
-                                          CHUNK_TILES=_CHUNK_TILES,
-                                          num_warps=_NUM_WARPS)
+    out = ws.stats
+    segment_max = ws.segment_max if logprobs else None
+    edited_segment_max = ws.edited_segment_max if segments else None
+    _stats_kernel[(num_rows, ws.num_chunks)](x,
+                                             x.stride(0),
+                                             vocab_size,
+                                             *_edit_args(bias, penalties),
+                                             out,
+                                             ws.num_chunks,
+                                             segment_max,
+                                             edited_segment_max,
+                                             ws.num_segments,
+                                             STATS=stats,
+                                             SIGMA=sigma,
+                                             SEGMENTS=segments,
+                                             LOGPROBS=logprobs,
+                                             HAS_BIAS=bias is not None,
+                                             HAS_PENALTIES=penalties
+                                             is not None,
+                                             TILE=_TILE,
+                                             SEGMENT=_SEGMENT,
+                                             CHUNK_TILES=_CHUNK_TILES,
+                                             num_warps=_NUM_WARPS)
     return out, segment_max, edited_segment_max
 
 
-def _logprobs_args(x: torch.Tensor, num_logprobs: int | None,
+def _logprobs_args(ws: _Workspace, num_logprobs: int | None,
                    outputs: tuple[torch.Tensor, ...]) -> tuple[list, dict]:
     """The kernels' logprobs arguments (``segment_max_ptr``, then ``k`` to
-    ``lp_stats_ptr``) and constants, for
-    ``num_logprobs`` (None: none) into ``outputs`` (ids, log probabilities,
-    ranks: see ``_host_outputs``)."""
-    num_rows, vocab_size = x.shape
+    ``lp_stats_ptr``) and constants, for ``num_logprobs`` (None: none) into
+    ``outputs`` (ids, log probabilities, ranks: see ``_host_outputs``)."""
     k = num_logprobs or 0
-    scratch = _scratch(x.device, num_rows, vocab_size)
     ids, values, ranks = outputs or (None, None, None)
     args = [
-        scratch.segment_max if outputs else None, k, ids, values, k + 1, ranks,
-        scratch.lp_stats
+        ws.segment_max if outputs else None, k, ids, values, k + 1, ranks,
+        ws.lp_stats
     ]
     constants = dict(TOP_K=0 < k <= _MAX_KERNEL_TOP_K,
                      SEGMENT=_SEGMENT,
                      SEGMENT_BLOCK=_SEGMENT_BLOCK,
-                     NUM_SEGMENTS_POW2=_next_power_of_2(
-                         _num_segments(vocab_size)),
-                     K_POW2=_next_power_of_2(max(k, 1)),
-                     CHUNKS_POW2=_next_power_of_2(_num_chunks(vocab_size)))
+                     NUM_SEGMENTS_POW2=ws.num_segments_pow2,
+                     K_POW2=_next_power_of_2(k),
+                     CHUNKS_POW2=ws.chunks_pow2)
     return args, constants
 
 
-def _top_k_elsewhere(x: torch.Tensor, num_logprobs: int | None,
+def _top_k_elsewhere(x: torch.Tensor, ws: _Workspace, num_logprobs: int | None,
                      outputs: tuple[torch.Tensor, ...]) -> None:
     """Columns 1..k of the logprobs from torch.topk, past the kernels' k."""
     k = num_logprobs or 0
     if k > _MAX_KERNEL_TOP_K:
-        lp_stats = _scratch(x.device, x.shape[0], x.shape[1]).lp_stats
-        _top_k_with_torch(x, k, outputs[0], outputs[1], lp_stats)
-
-
-@functools.lru_cache(maxsize=4)
-def _arrivals(device: torch.device, num_rows: int) -> torch.Tensor:
-    """Per row, the chunks of a ``_draw_kernel`` launch done so far: zeros,
-    which the row's last chunk puts back."""
-    return torch.zeros(num_rows, dtype=torch.int32, device=device)
+        _top_k_with_torch(x, k, outputs[0], outputs[1], ws.lp_stats)
 
 
 def sample(
@@ -970,59 +970,58 @@ def sample(
     assert (seeded_keys is None) == (seeded_index is None)
     rules = top_n_sigma is not None or min_p is not None
     logprobs = num_logprobs is not None
+    ws = _workspace_of(x)
     stats = edited_segment_max = None
     if rules or logprobs:
         # With a rule, the draw reads only the segments that reach it.
-        stats, _, edited_segment_max = _stats(x, bias, penalties, rules,
+        stats, _, edited_segment_max = _stats(x, ws, bias, penalties, rules,
                                               top_n_sigma is not None, logprobs,
                                               rules)
-    num_chunks = _num_chunks(vocab_size)
-    scratch = _scratch(x.device, num_rows, vocab_size)
     tokens, *outputs = _host_outputs(num_rows, num_logprobs, x.device)
-    lp_args, lp_constants = _logprobs_args(x, num_logprobs, tuple(outputs))
+    lp_args, lp_constants = _logprobs_args(ws, num_logprobs, tuple(outputs))
     next_keys = None
     record_counts = False
     if record is not None and not record.done:
         next_keys = record.next_keys if seeded_keys is not None else None
         record_counts = penalties is not None
         record.done = True
-    _draw_kernel[(num_rows, num_chunks)](x,
-                                         x.stride(0),
-                                         vocab_size,
-                                         temperature,
-                                         threshold,
-                                         top_n_sigma,
-                                         min_p,
-                                         seeded_keys,
-                                         seeded_index,
-                                         seed,
-                                         *_edit_args(bias, penalties),
-                                         stats,
-                                         num_chunks,
-                                         edited_segment_max,
-                                         _num_segments(vocab_size),
-                                         scratch.best,
-                                         scratch.best_col,
-                                         _arrivals(x.device, num_rows),
-                                         tokens,
-                                         *lp_args,
-                                         next_keys,
-                                         HAS_THRESHOLD=threshold is not None,
-                                         TOP_N_SIGMA=top_n_sigma is not None,
-                                         MIN_P=min_p is not None,
-                                         HAS_SEEDED=seeded_keys is not None,
-                                         HAS_BIAS=bias is not None,
-                                         HAS_PENALTIES=penalties is not None,
-                                         LOGPROBS=logprobs,
-                                         RECORD_COUNTS=record_counts,
-                                         RECORD_KEYS=next_keys is not None,
-                                         KEY_STEP=KEY_STEP,
-                                         KEY_MASK=KEY_MASK,
-                                         TILE=_TILE,
-                                         CHUNK_TILES=_CHUNK_TILES,
-                                         **lp_constants,
-                                         num_warps=_NUM_WARPS)
-    _top_k_elsewhere(x, num_logprobs, tuple(outputs))
+    _draw_kernel[(num_rows, ws.num_chunks)](x,
+                                            x.stride(0),
+                                            vocab_size,
+                                            temperature,
+                                            threshold,
+                                            top_n_sigma,
+                                            min_p,
+                                            seeded_keys,
+                                            seeded_index,
+                                            seed,
+                                            *_edit_args(bias, penalties),
+                                            stats,
+                                            ws.num_chunks,
+                                            edited_segment_max,
+                                            ws.num_segments,
+                                            ws.best,
+                                            ws.best_col,
+                                            ws.arrivals,
+                                            tokens,
+                                            *lp_args,
+                                            next_keys,
+                                            HAS_THRESHOLD=threshold is not None,
+                                            TOP_N_SIGMA=top_n_sigma is not None,
+                                            MIN_P=min_p is not None,
+                                            HAS_SEEDED=seeded_keys is not None,
+                                            HAS_BIAS=bias is not None,
+                                            HAS_PENALTIES=penalties is not None,
+                                            LOGPROBS=logprobs,
+                                            RECORD_COUNTS=record_counts,
+                                            RECORD_KEYS=next_keys is not None,
+                                            KEY_STEP=KEY_STEP,
+                                            KEY_MASK=KEY_MASK,
+                                            TILE=_TILE,
+                                            CHUNK_TILES=_CHUNK_TILES,
+                                            **lp_constants,
+                                            num_warps=_NUM_WARPS)
+    _top_k_elsewhere(x, ws, num_logprobs, tuple(outputs))
     if not outputs:
         return tokens, None
     return tokens, (outputs[0], outputs[1], outputs[2])
@@ -1133,17 +1132,16 @@ def row_stats(x: torch.Tensor,
     """Each row's max [N] float32 and, with ``sigma``, the population
     standard deviation of its finite values [N] float32, in one pass."""
     x = _columns_contiguous(x)
-    num_rows, vocab_size = x.shape
-    stats, _, _ = _stats(x, None, None, True, sigma, False)
-    out = torch.empty(2, num_rows, dtype=torch.float32, device=x.device)
-    num_chunks = _num_chunks(vocab_size)
-    _row_stats_kernel[(num_rows, )](stats,
-                                    num_chunks,
-                                    out[0],
-                                    out[1],
-                                    SIGMA=sigma,
-                                    CHUNKS_POW2=_next_power_of_2(num_chunks),
-                                    num_warps=1)
+    ws = _workspace_of(x)
+    stats, _, _ = _stats(x, ws, None, None, True, sigma, False)
+    out = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
+    _row_stats_kernel[(x.shape[0], )](stats,
+                                      ws.num_chunks,
+                                      out[0],
+                                      out[1],
+                                      SIGMA=sigma,
+                                      CHUNKS_POW2=ws.chunks_pow2,
+                                      num_warps=1)
     return out[0], out[1] if sigma else None
 
 
@@ -1160,23 +1158,23 @@ def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     16-bit logits equal (a tie there, not here).
     """
     logits = _columns_contiguous(logits)
-    num_rows = logits.shape[0]
-    stats, _, _ = _stats(logits, None, None, False, False, True)
+    num_rows, vocab_size = logits.shape
+    ws = _workspace_of(logits)
+    stats, _, _ = _stats(logits, ws, None, None, False, False, True)
     _, *outputs = _host_outputs(num_rows, k, logits.device)
-    lp_args, lp_constants = _logprobs_args(logits, k, tuple(outputs))
-    vocab_size = logits.shape[1]
+    lp_args, lp_constants = _logprobs_args(ws, k, tuple(outputs))
     _finish_kernel[(num_rows, )](
         logits,
         logits.stride(0),
         vocab_size,
         token_ids.to(torch.int64).reshape(num_rows).contiguous(),
         stats,
-        _num_chunks(vocab_size),
-        _num_segments(vocab_size),
+        ws.num_chunks,
+        ws.num_segments,
         *lp_args,
         **lp_constants,
         num_warps=_NUM_WARPS)
-    _top_k_elsewhere(logits, k, tuple(outputs))
+    _top_k_elsewhere(logits, ws, k, tuple(outputs))
     ids, values, ranks = outputs
     return ids, values, ranks
 
