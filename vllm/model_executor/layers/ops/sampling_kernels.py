@@ -64,8 +64,11 @@ _NUM_WARPS = 4
 # Tiles of one (row, chunk) program: 16,384 columns, about 10 programs per
 # row of a 150k vocabulary.
 _CHUNK_TILES = 16
-# Segments that the count of larger logits looks at per step.
+# Segments whose logits the count of larger logits reads at once, and
+# that it looks at (and sorts) at once: sorting more costs registers in
+# every program of the draw.
 _SEGMENT_BLOCK = 32
+_COUNT_WINDOW = tl.constexpr(256)
 # Past this k, top-k logprobs come from torch.topk: the segments holding
 # them would cover most of the row.
 _MAX_KERNEL_TOP_K = 64
@@ -421,27 +424,37 @@ def _row_stats_of(stats_ptr, row, num_chunks, CHUNKS_POW2: tl.constexpr):
 
 @triton.jit
 def _count_above(x_row, vocab_size, segment_max_row, num_segments, value,
-                 SEGMENT: tl.constexpr, BLOCK: tl.constexpr):
+                 SEGMENT: tl.constexpr, BLOCK: tl.constexpr,
+                 WINDOW: tl.constexpr):
     """How many logits of the row are > ``value``, reading only the
-    segments whose max is (the next block's maxima load while this one's
-    logits do)."""
-    block = tl.arange(0, BLOCK)
-    block_cols = block[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
+    segments whose max is. ``WINDOW`` segments at a time (the next window's
+    maxima load while this one is counted): those whose max is > value are
+    sorted first, then read ``BLOCK`` at a time. A sampled token is usually
+    among the largest logits: a block or none per window, where a loop
+    over every block of segments waits for memory at each."""
+    window = tl.arange(0, WINDOW)
     above = tl.zeros([BLOCK, SEGMENT], tl.int32)
-    max_next = tl.load(segment_max_row + block,
-                       mask=block < num_segments,
+    max_next = tl.load(segment_max_row + window,
+                       mask=window < num_segments,
                        other=float("-inf"))
-    for first in range(0, num_segments, BLOCK):
-        segment_max = max_next
-        after = first + BLOCK + block
+    for start in range(0, num_segments, WINDOW):
+        look = max_next > value
+        after = start + WINDOW + window
         max_next = tl.load(segment_max_row + after,
                            mask=after < num_segments,
                            other=float("-inf"))
-        cols = first * SEGMENT + block_cols
-        # Masked-off lanes read nothing: most segments cost 4 bytes.
-        look = (segment_max > value)[:, None] & (cols < vocab_size)
-        x = tl.load(x_row + cols, mask=look, other=float("-inf")).to(tl.float32)
-        above += (x > value).to(tl.int32)
+        num_look = tl.sum(look.to(tl.int32), axis=0)
+        if num_look > 0:
+            order = tl.sort(tl.where(look, window, WINDOW + window))
+            for first in range(0, num_look, BLOCK):
+                i = first + tl.arange(0, BLOCK)
+                picked = start + tl.gather(order, tl.minimum(i, WINDOW - 1), 0)
+                cols = picked[:, None] * SEGMENT + tl.arange(0,
+                                                             SEGMENT)[None, :]
+                read = (i < num_look)[:, None] & (cols < vocab_size)
+                x = tl.load(x_row + cols, mask=read,
+                            other=float("-inf")).to(tl.float32)
+                above += (x > value).to(tl.int32)
     return tl.sum(tl.sum(above, axis=1), axis=0)
 
 
@@ -730,7 +743,7 @@ def _finish_row(row, x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
         segment_max_row = segment_max_ptr + row.to(tl.int64) * num_segments
         chosen = tl.load(x_row + col).to(tl.float32)
         above = _count_above(x_row, vocab_size, segment_max_row, num_segments,
-                             chosen, SEGMENT, SEGMENT_BLOCK)
+                             chosen, SEGMENT, SEGMENT_BLOCK, _COUNT_WINDOW)
         ids_out = lp_ids_ptr + row.to(tl.int64) * lp_stride
         logprobs_out = lp_values_ptr + row.to(tl.int64) * lp_stride
         tl.store(ids_out, col.to(tl.int64))
