@@ -47,7 +47,7 @@ _POINTEE = {
     torch.bool: "i1",
 }
 # Launch options, not kernel arguments.
-_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
 Launch = tuple[JITFunction, dict[str, Any], dict[str, Any]]
 
@@ -89,7 +89,7 @@ def compile_for_hopper(launch: Launch) -> Any:
     fn, arguments, options = launch
     signature, constexprs, attrs = {}, {}, {}
     for param in fn.params:
-        value = arguments.get(param.name, param.default)
+        value = arguments[param.name]
         integer = type(value) is int and not param.do_not_specialize
         if param.is_constexpr or value is None or (integer and value == 1):
             signature[param.name] = "constexpr"

@@ -3,8 +3,8 @@
 They read [N, V] logits (any float dtype, computed in float32; columns
 contiguous, rows at any stride) in tiles of ``_TILE`` columns (the next
 tile's load is issued before the current one is used, to keep bytes in
-flight), over (row, chunk of ``_CHUNK_TILES`` tiles) so that every SM has
-work:
+flight). A sampling step is two launches over (row, chunk of
+``_CHUNK_TILES`` tiles), so that every SM has work:
 
 - ``_stats_kernel``: each logit is edited where it is read (``_edit``:
   logit_bias, then the repetition, frequency and presence penalties from the
@@ -13,26 +13,21 @@ work:
   and σ: top-nσ and min_p thresholds) and, for logprobs, the max and
   sum(exp) of the raw ones and the maximum of each segment of ``_SEGMENT``
   raw logits.
-- the draw (``_draw_chunk``): a chunk's best score x - T log q over the
-  kept (edited) logits, with Gumbel noise made in the kernel (Philox);
-  greedy rows take the argmax. With a threshold rule (top-nσ, min_p) the
-  stats pass also stores each segment's edited max, and the draw reads
-  only the segments that reach the row's threshold (greedy rows: its max),
-  a few per row; otherwise every segment. A seeded row's noise is keyed by
-  its step's key and depends only on that key and the token id
+- ``_draw_kernel``: each chunk's best score x - T log q over the kept
+  (edited) logits, with Gumbel noise made in the kernel (Philox); greedy
+  rows take the argmax. With a threshold rule (top-nσ, min_p) the stats
+  pass also stores each segment's edited max, and the draw reads only the
+  segments that reach the row's threshold (greedy rows: its max), a few
+  per row; otherwise every segment. A seeded row's noise is keyed by its
+  step's key and depends only on that key and the token id
   (``seeded_log_q`` gives the same noise at any token ids), so which
-  segments a draw reads never changes its token.
-- the finish (``_finish_row``): the row's token, then its logprob and rank
-  and the top-k logprobs, read from the few segments whose maxima say they
-  matter, and what a ``StepRecord`` asks for the next step (the token into
-  the penalty counts, a seeded row's next key). What the host reads
-  (tokens, logprobs) is written into views of one buffer: one copy.
-
-With a threshold rule a sampling step is one launch: the last chunk of a
-row to finish the stats pass (an atomic count) draws the whole row, chunk
-after chunk, and finishes it. Without one, every chunk draws, so the draw
-is its own launch (``_draw_kernel``, after a stats pass when logprobs are
-asked), whose last chunk of each row finishes the row.
+  segments a draw reads never changes its token. The last chunk of a row
+  to finish (an atomic count) then finishes the row (``_finish_row``): the
+  best chunk's token, then its logprob and rank and the top-k logprobs,
+  read from the few segments whose maxima say they matter, and what a
+  ``StepRecord`` asks for the next step (the token into the penalty
+  counts, a seeded row's next key). What the host reads (tokens,
+  logprobs) is written into views of one buffer: one copy.
 
 ``sample`` runs them; ``topk_logprobs`` runs ``_stats_kernel`` and
 ``_finish_kernel`` (``_finish_row`` of each row) for given tokens. The
@@ -74,10 +69,6 @@ _CHUNK_TILES = 16
 # every program of the draw.
 _SEGMENT_BLOCK = 32
 _COUNT_WINDOW = tl.constexpr(256)
-# Registers a thread of the one-launch sampling step may use: unbounded,
-# the draw and finish after the statistics pass take 220 (two programs an
-# SM); within 128, ptxas spills 4 bytes and four programs share an SM.
-_DRAW_REGISTERS = 128
 # Past this k, top-k logprobs come from torch.topk: the segments holding
 # them would cover most of the row.
 _MAX_KERNEL_TOP_K = 64
@@ -282,76 +273,21 @@ def _tiles_seen(seen_row, chunk_start, vocab_size, TILE: tl.constexpr,
     return tl.sum(tl.where(seen, 1 << tl.arange(0, CHUNK_TILES), 0), axis=0)
 
 
-@triton.jit(do_not_specialize=["seed", "k"])
-def _stats_kernel(x_ptr,
-                  row_stride,
-                  vocab_size,
-                  bias_keys_ptr,
-                  bias_values_ptr,
-                  bias_starts_ptr,
-                  row_slots_ptr,
-                  seen_ptr,
-                  seen_stride,
-                  counts_ptr,
-                  presence_ptr,
-                  frequency_ptr,
-                  repetition_ptr,
-                  stats_ptr,
-                  num_chunks,
-                  segment_max_ptr,
-                  edited_segment_max_ptr,
-                  num_segments,
-                  STATS: tl.constexpr,
-                  SIGMA: tl.constexpr,
-                  SEGMENTS: tl.constexpr,
-                  LOGPROBS: tl.constexpr,
-                  HAS_BIAS: tl.constexpr,
-                  HAS_PENALTIES: tl.constexpr,
-                  TILE: tl.constexpr,
-                  SEGMENT: tl.constexpr,
-                  CHUNK_TILES: tl.constexpr,
-                  temperature_ptr=None,
-                  threshold_ptr=None,
-                  top_n_sigma_ptr=None,
-                  min_p_ptr=None,
-                  seeded_keys_ptr=None,
-                  seeded_index_ptr=None,
-                  seed=0,
-                  arrivals_ptr=None,
-                  token_ptr=None,
-                  k=0,
-                  lp_ids_ptr=None,
-                  lp_values_ptr=None,
-                  lp_stride=0,
-                  ranks_ptr=None,
-                  lp_stats_ptr=None,
-                  next_keys_ptr=None,
-                  DRAW: tl.constexpr = False,
-                  HAS_THRESHOLD: tl.constexpr = False,
-                  TOP_N_SIGMA: tl.constexpr = False,
-                  MIN_P: tl.constexpr = False,
-                  HAS_SEEDED: tl.constexpr = False,
-                  TOP_K: tl.constexpr = False,
-                  RECORD_COUNTS: tl.constexpr = False,
-                  RECORD_KEYS: tl.constexpr = False,
-                  KEY_STEP: tl.constexpr = 0,
-                  KEY_MASK: tl.constexpr = 0,
-                  SEGMENT_BLOCK: tl.constexpr = 1,
-                  NUM_SEGMENTS_POW2: tl.constexpr = 1,
-                  K_POW2: tl.constexpr = 1,
-                  CHUNKS_POW2: tl.constexpr = 1):
+@triton.jit
+def _stats_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
+                  bias_starts_ptr, row_slots_ptr, seen_ptr, seen_stride,
+                  counts_ptr, presence_ptr, frequency_ptr, repetition_ptr,
+                  stats_ptr, num_chunks, segment_max_ptr,
+                  edited_segment_max_ptr, num_segments, STATS: tl.constexpr,
+                  SIGMA: tl.constexpr, SEGMENTS: tl.constexpr,
+                  LOGPROBS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_PENALTIES: tl.constexpr, TILE: tl.constexpr,
+                  SEGMENT: tl.constexpr, CHUNK_TILES: tl.constexpr):
     """One chunk of a row: with ``STATS``, the max of the edited logits,
     (``SIGMA``) the count, sum and sum of squares of the finite ones and
     (``SEGMENTS``) each segment's edited max at ``edited_segment_max_ptr``;
     with ``LOGPROBS``, the raw logits' max and sum(exp(x - max)), and each
-    segment's max at ``segment_max_ptr``.
-
-    With ``DRAW`` (a top-nσ or min_p rule: the draw reads only the few
-    segments that reach the row's threshold), the sampling step in one
-    launch: the row's last chunk to finish (counted at ``arrivals_ptr``, as
-    in ``_draw_kernel``, whose arguments from ``temperature_ptr`` on it
-    takes) draws the row (``_draw_row``) and finishes it
-    (``_finish_row``)."""
+    segment's max at ``segment_max_ptr``."""
     ROWS: tl.constexpr = TILE // SEGMENT
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -463,60 +399,26 @@ def _stats_kernel(x_ptr,
     tl.store(out + 4, chunk_max)
     tl.store(out + 5,
              tl.sum(tl.sum(tl.sum(sum_exp, axis=2), axis=1) * rescale, axis=0))
-    if DRAW:
-        # Every thread's stores above are issued; the atomic (acq_rel, GPU
-        # scope) orders them before the last chunk's loads of them (.cg).
-        tl.debug_barrier()
-        if tl.atomic_add(arrivals_ptr + row, 1) == num_chunks - 1:
-            tl.store(arrivals_ptr + row, 0)  # ready for the next launch
-            col = _draw_row(row, x_row, vocab_size, stats_ptr, num_chunks,
-                            edited_segment_max_ptr, num_segments,
-                            temperature_ptr, threshold_ptr, top_n_sigma_ptr,
-                            min_p_ptr, seeded_keys_ptr, seeded_index_ptr, seed,
-                            bias_keys_ptr, bias_values_ptr, bias_lo, bias_hi,
-                            slot, seen_ptr, seen_stride, counts_ptr, presence,
-                            frequency, repetition, HAS_THRESHOLD, TOP_N_SIGMA,
-                            MIN_P, HAS_SEEDED, HAS_BIAS, HAS_PENALTIES, TILE,
-                            SEGMENT, CHUNK_TILES, CHUNKS_POW2)
-            _finish_row(row, col, x_ptr, row_stride, vocab_size, token_ptr,
-                        stats_ptr, num_chunks, segment_max_ptr, num_segments, k,
-                        lp_ids_ptr, lp_values_ptr, lp_stride, ranks_ptr,
-                        lp_stats_ptr, row_slots_ptr, counts_ptr, seen_ptr,
-                        seen_stride, seeded_index_ptr, seeded_keys_ptr,
-                        next_keys_ptr, True, LOGPROBS, TOP_K, RECORD_COUNTS,
-                        RECORD_KEYS, KEY_STEP, KEY_MASK, SEGMENT, SEGMENT_BLOCK,
-                        NUM_SEGMENTS_POW2, K_POW2, CHUNKS_POW2)
 
 
 @triton.jit
 def _row_stats_of(stats_ptr, row, num_chunks, CHUNKS_POW2: tl.constexpr):
     """A row's edited max and σ, and raw max and log(sum(exp(x - max))),
-    from its chunks' statistics (from L2, .cg: in a one-launch draw other
-    programs of the launch have just written them)."""
+    from its chunks' statistics."""
     chunks = tl.arange(0, CHUNKS_POW2)
     mask = chunks < num_chunks
     at = stats_ptr + (row.to(tl.int64) * num_chunks + chunks) * 6
-    edited_max = tl.max(tl.load(at,
-                                mask=mask,
-                                other=float("-inf"),
-                                cache_modifier=".cg"),
-                        axis=0)
-    n = tl.sum(tl.load(at + 1, mask=mask, other=0.0, cache_modifier=".cg"),
-               axis=0)
-    mean = tl.sum(tl.load(at + 2, mask=mask, other=0.0, cache_modifier=".cg"),
-                  axis=0) / n
-    squares = tl.load(at + 3, mask=mask, other=0.0, cache_modifier=".cg")
-    variance = tl.maximum(tl.sum(squares, axis=0) / n - mean * mean, 0.0)
-    chunk_max = tl.load(at + 4,
-                        mask=mask,
-                        other=float("-inf"),
-                        cache_modifier=".cg")
+    edited_max = tl.max(tl.load(at, mask=mask, other=float("-inf")), axis=0)
+    n = tl.sum(tl.load(at + 1, mask=mask, other=0.0), axis=0)
+    mean = tl.sum(tl.load(at + 2, mask=mask, other=0.0), axis=0) / n
+    variance = tl.maximum(
+        tl.sum(tl.load(at + 3, mask=mask, other=0.0), axis=0) / n - mean * mean,
+        0.0)
+    chunk_max = tl.load(at + 4, mask=mask, other=float("-inf"))
     raw_max = tl.max(chunk_max, axis=0)
     scale = tl.where(chunk_max == float("-inf"), 0.0,
                      tl.exp(chunk_max - raw_max))
-    sum_exp = tl.sum(
-        tl.load(at + 5, mask=mask, other=0.0, cache_modifier=".cg") * scale,
-        axis=0)
+    sum_exp = tl.sum(tl.load(at + 5, mask=mask, other=0.0) * scale, axis=0)
     return edited_max, tl.sqrt(variance), raw_max, tl.log(sum_exp)
 
 
@@ -534,15 +436,13 @@ def _count_above(x_row, vocab_size, segment_max_row, num_segments, value,
     above = tl.zeros([BLOCK, SEGMENT], tl.int32)
     max_next = tl.load(segment_max_row + window,
                        mask=window < num_segments,
-                       other=float("-inf"),
-                       cache_modifier=".cg")
+                       other=float("-inf"))
     for start in range(0, num_segments, WINDOW):
         look = max_next > value
         after = start + WINDOW + window
         max_next = tl.load(segment_max_row + after,
                            mask=after < num_segments,
-                           other=float("-inf"),
-                           cache_modifier=".cg")
+                           other=float("-inf"))
         num_look = tl.sum(look.to(tl.int32), axis=0)
         if num_look > 0:
             order = tl.sort(tl.where(look, window, WINDOW + window))
@@ -569,8 +469,7 @@ def _top_k(x_row, vocab_size, segment_max_row, num_segments, k, row_max,
     segments = tl.arange(0, NUM_SEGMENTS_POW2)
     segment_max = tl.load(segment_max_row + segments,
                           mask=segments < num_segments,
-                          other=float("-inf"),
-                          cache_modifier=".cg")
+                          other=float("-inf"))
     free = segments < num_segments
     slots = tl.arange(0, K_POW2)
     picked = tl.full([K_POW2], -1, tl.int32)
@@ -626,25 +525,53 @@ def _read_segments(x_row, b, first_segment, order, num_read, num_segments,
     return segments, cols, _load(x_row, cols, vocab_size)
 
 
-@triton.jit
-def _row_draw(row, stats_ptr, num_chunks, vocab_size, temperature_ptr,
-              threshold_ptr, top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr,
-              seeded_index_ptr, seed, HAS_THRESHOLD: tl.constexpr,
-              TOP_N_SIGMA: tl.constexpr, MIN_P: tl.constexpr,
-              HAS_SEEDED: tl.constexpr, TILE: tl.constexpr,
-              CHUNKS_POW2: tl.constexpr):
-    """What row ``row``'s draw needs besides its logits: its temperature,
-    the smallest (edited) logit it keeps (sampler.py's rules, same
-    formulas), the smallest whose segments it reads (with a rule; a greedy
-    row's argmax lies in the segments holding its max, but the logits read
-    are compared with the threshold alone), and its Philox key and first
-    counter (each logit's noise depends only on the key, the row and the
-    column; a seeded row has its own key and counts from 0)."""
+@triton.jit(do_not_specialize=["seed", "k"])
+def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
+                 top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr, seeded_index_ptr,
+                 seed, bias_keys_ptr, bias_values_ptr, bias_starts_ptr,
+                 row_slots_ptr, seen_ptr, seen_stride, counts_ptr, presence_ptr,
+                 frequency_ptr, repetition_ptr, stats_ptr, num_chunks,
+                 edited_segment_max_ptr, num_segments, best_ptr, best_col_ptr,
+                 arrivals_ptr, token_ptr, segment_max_ptr, k, lp_ids_ptr,
+                 lp_values_ptr, lp_stride, ranks_ptr, lp_stats_ptr,
+                 next_keys_ptr, HAS_THRESHOLD: tl.constexpr,
+                 TOP_N_SIGMA: tl.constexpr, MIN_P: tl.constexpr,
+                 HAS_SEEDED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_PENALTIES: tl.constexpr, LOGPROBS: tl.constexpr,
+                 TOP_K: tl.constexpr, RECORD_COUNTS: tl.constexpr,
+                 RECORD_KEYS: tl.constexpr, KEY_STEP: tl.constexpr,
+                 KEY_MASK: tl.constexpr, TILE: tl.constexpr,
+                 SEGMENT: tl.constexpr, SEGMENT_BLOCK: tl.constexpr,
+                 CHUNK_TILES: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
+                 K_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+    """One chunk of a row: the best score x - T log q over its kept edited
+    logits, and its column (the first of equal ones). The row's last chunk
+    to finish then finishes the row (``_finish_row``: its token, logprobs
+    and ``StepRecord``), counted at ``arrivals_ptr`` (zero before and after
+    a launch).
+
+    With a top-nσ or min_p rule (each segment's edited max then comes from
+    ``_stats_kernel``) it reads only the segments whose max reaches the
+    row's threshold: a row truncated by top-nσ or min_p, or a greedy one,
+    keeps few logits, so most of its chunks read none. Else every segment
+    of the chunk. Either way in column order, blocks of ``TILE // SEGMENT``
+    segments."""
+    ROWS: tl.constexpr = TILE // SEGMENT
+    CHUNK_SEGMENTS: tl.constexpr = CHUNK_TILES * ROWS
+    CANDIDATES: tl.constexpr = TOP_N_SIGMA or MIN_P
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    x_row = x_ptr + row.to(tl.int64) * row_stride
+    first_segment = chunk * CHUNK_SEGMENTS
     temperature = tl.load(temperature_ptr + row)
+    bias_lo, bias_hi, slot, presence, frequency, repetition = _edit_params(
+        row, bias_starts_ptr, row_slots_ptr, presence_ptr, frequency_ptr,
+        repetition_ptr, HAS_BIAS, HAS_PENALTIES)
+
+    # The smallest logit the row keeps (sampler.py's rules, same formulas).
     threshold = float("-inf")
     if HAS_THRESHOLD:
         threshold = tl.load(threshold_ptr + row)
-    read_from = threshold
     if TOP_N_SIGMA or MIN_P:
         row_max, sigma, _, _ = _row_stats_of(stats_ptr, row, num_chunks,
                                              CHUNKS_POW2)
@@ -660,8 +587,32 @@ def _row_draw(row, stats_ptr, num_chunks, vocab_size, temperature_ptr,
                 threshold,
                 tl.where(min_p > 0.0, row_max + temperature * tl.log(min_p),
                          float("-inf")))
+
+    # The segments to read: with CANDIDATES, the chunk's segment indices
+    # sorted kept-first (in column order), num_read of them kept; else the
+    # first num_read segments of the chunk (``order`` unused).
+    order = 0
+    if CANDIDATES:
+        # A greedy row's argmax lies in the segments holding its max. Only
+        # the segments are chosen by it: the logits read are compared with
+        # the threshold alone, as without CANDIDATES.
         read_from = tl.where(temperature > 0.0, threshold,
                              tl.maximum(threshold, row_max))
+        index = tl.arange(0, CHUNK_SEGMENTS)
+        segment_max = tl.load(edited_segment_max_ptr +
+                              row.to(tl.int64) * num_segments + first_segment +
+                              index,
+                              mask=first_segment + index < num_segments,
+                              other=float("-inf"))
+        keep = segment_max >= read_from
+        num_read = tl.sum(keep.to(tl.int32), axis=0)
+        order = tl.sort(tl.where(keep, index, CHUNK_SEGMENTS + index))
+    else:
+        num_read = tl.minimum(CHUNK_SEGMENTS, num_segments - first_segment)
+
+    # Philox counters: each logit's noise depends only on the seed, its row
+    # and its column (counter column // 4, output column % 4); a seeded row
+    # has its own key and counts from 0.
     row_counter = row.to(tl.int64) * tl.cdiv(vocab_size, TILE) * (TILE // 4)
     key = seed.to(tl.int64)
     if HAS_SEEDED:
@@ -669,55 +620,14 @@ def _row_draw(row, stats_ptr, num_chunks, vocab_size, temperature_ptr,
         if seeded_index >= 0:
             key = tl.load(seeded_keys_ptr + seeded_index)
             row_counter = row_counter * 0
-    return temperature, threshold, read_from, key, row_counter
-
-
-@triton.jit
-def _draw_chunk(chunk, row, x_row, vocab_size, edited_segment_max_ptr,
-                num_segments, temperature, threshold, read_from, key,
-                row_counter, row_start, bias_keys_ptr, bias_values_ptr, entry,
-                next_col, bias_hi, slot, seen_ptr, seen_stride, counts_ptr,
-                presence, frequency, repetition, CANDIDATES: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_PENALTIES: tl.constexpr,
-                TILE: tl.constexpr, SEGMENT: tl.constexpr,
-                CHUNK_TILES: tl.constexpr):
-    """Chunk ``chunk`` of a row's draw (``_row_draw``'s values): the best
-    score x - T log q over its kept edited logits and its column (the first
-    of equal ones; -inf and the chunk's first column when it keeps none),
-    and the bias entry (and its column) the next chunk starts from.
-
-    With ``CANDIDATES`` (a top-nσ or min_p rule: each segment's edited max
-    comes from ``_stats_kernel``) it reads only the segments whose max
-    reaches ``read_from``: a row truncated by top-nσ or min_p, or a greedy
-    one, keeps few logits, so most chunks read none. Else every segment of
-    the chunk. Either way in column order, blocks of ``TILE // SEGMENT``
-    segments."""
-    ROWS: tl.constexpr = TILE // SEGMENT
-    CHUNK_SEGMENTS: tl.constexpr = CHUNK_TILES * ROWS
-    first_segment = chunk * CHUNK_SEGMENTS
-    # The segments to read: with CANDIDATES, the chunk's segment indices
-    # sorted kept-first (in column order), num_read of them kept; else the
-    # first num_read segments of the chunk (``order`` unused).
-    order = 0
-    if CANDIDATES:
-        index = tl.arange(0, CHUNK_SEGMENTS)
-        # From L2 (.cg): in a one-launch draw, other programs of the launch
-        # have just written them (``_stats_kernel``).
-        segment_max = tl.load(edited_segment_max_ptr +
-                              row.to(tl.int64) * num_segments + first_segment +
-                              index,
-                              mask=first_segment + index < num_segments,
-                              other=float("-inf"),
-                              cache_modifier=".cg")
-        keep = segment_max >= read_from
-        num_read = tl.sum(keep.to(tl.int32), axis=0)
-        order = tl.sort(tl.where(keep, index, CHUNK_SEGMENTS + index))
-    else:
-        num_read = tl.minimum(CHUNK_SEGMENTS, num_segments - first_segment)
     counter_cols = tl.arange(0, SEGMENT // 4)[None, :]
     # Per lane: the best score so far and its column.
     best = tl.full([ROWS, SEGMENT], float("-inf"), tl.float32)
     best_col = tl.zeros([ROWS, SEGMENT], tl.int32) + first_segment * SEGMENT
+    row_start = row.to(tl.int64) * vocab_size
+    entry = bias_lo
+    next_col = _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
+                                  HAS_BIAS)
     # The next block's logits load while this one's are used.
     segments_next, cols_next, x_next = _read_segments(x_row, 0, first_segment,
                                                       order, num_read,
@@ -752,151 +662,44 @@ def _draw_chunk(chunk, row, x_row, vocab_size, edited_segment_max_ptr,
             best = tl.where(better, score, best)
             best_col = tl.where(better, cols, best_col)
     top = tl.max(tl.max(best, axis=1), axis=0)
-    col = tl.min(tl.min(tl.where(best == top, best_col, vocab_size), axis=1),
-                 axis=0)
-    return top, col, entry, next_col
-
-
-@triton.jit
-def _draw_row(
-        row, x_row, vocab_size, stats_ptr, num_chunks, edited_segment_max_ptr,
-        num_segments, temperature_ptr, threshold_ptr, top_n_sigma_ptr,
-        min_p_ptr, seeded_keys_ptr, seeded_index_ptr, seed, bias_keys_ptr,
-        bias_values_ptr, bias_lo, bias_hi, slot, seen_ptr, seen_stride,
-        counts_ptr, presence, frequency, repetition,
-        HAS_THRESHOLD: tl.constexpr, TOP_N_SIGMA: tl.constexpr,
-        MIN_P: tl.constexpr, HAS_SEEDED: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_PENALTIES: tl.constexpr, TILE: tl.constexpr, SEGMENT: tl.constexpr,
-        CHUNK_TILES: tl.constexpr, CHUNKS_POW2: tl.constexpr):
-    """A whole row's draw with a top-nσ or min_p rule, chunk after chunk
-    (``_draw_chunk``, each reading only its segments that reach the row's
-    threshold): the column of the best score (the first of equal ones;
-    column 0 when the row keeps none)."""
-    temperature, threshold, read_from, key, row_counter = _row_draw(
-        row, stats_ptr, num_chunks, vocab_size, temperature_ptr, threshold_ptr,
-        top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr, seeded_index_ptr, seed,
-        HAS_THRESHOLD, TOP_N_SIGMA, MIN_P, HAS_SEEDED, TILE, CHUNKS_POW2)
-    row_start = row.to(tl.int64) * vocab_size
-    entry = bias_lo
-    next_col = _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
-                                  HAS_BIAS)
-    top = tl.full([], float("-inf"), tl.float32)
-    col = tl.zeros([], tl.int32) + vocab_size
-    for chunk in range(num_chunks):
-        chunk_top, chunk_col, entry, next_col = _draw_chunk(
-            chunk, row, x_row, vocab_size, edited_segment_max_ptr, num_segments,
-            temperature, threshold, read_from, key, row_counter, row_start,
-            bias_keys_ptr, bias_values_ptr, entry, next_col, bias_hi, slot,
-            seen_ptr, seen_stride, counts_ptr, presence, frequency, repetition,
-            True, HAS_BIAS, HAS_PENALTIES, TILE, SEGMENT, CHUNK_TILES)
-        # Strictly: chunks come in column order, the first of equal wins.
-        better = chunk_top > top
-        col = tl.where(better, chunk_col, col)
-        top = tl.where(better, chunk_top, top)
-    return tl.where(col < vocab_size, col, 0)
-
-
-@triton.jit(do_not_specialize=["seed", "k"])
-def _draw_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
-                 bias_starts_ptr, row_slots_ptr, seen_ptr, seen_stride,
-                 counts_ptr, presence_ptr, frequency_ptr, repetition_ptr,
-                 stats_ptr, num_chunks, segment_max_ptr, edited_segment_max_ptr,
-                 num_segments, best_ptr, best_col_ptr, temperature_ptr,
-                 threshold_ptr, top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr,
-                 seeded_index_ptr, seed, arrivals_ptr, token_ptr, k, lp_ids_ptr,
-                 lp_values_ptr, lp_stride, ranks_ptr, lp_stats_ptr,
-                 next_keys_ptr, HAS_THRESHOLD: tl.constexpr,
-                 TOP_N_SIGMA: tl.constexpr, MIN_P: tl.constexpr,
-                 HAS_SEEDED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_PENALTIES: tl.constexpr, LOGPROBS: tl.constexpr,
-                 TOP_K: tl.constexpr, RECORD_COUNTS: tl.constexpr,
-                 RECORD_KEYS: tl.constexpr, KEY_STEP: tl.constexpr,
-                 KEY_MASK: tl.constexpr, TILE: tl.constexpr,
-                 SEGMENT: tl.constexpr, SEGMENT_BLOCK: tl.constexpr,
-                 CHUNK_TILES: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
-                 K_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr):
-    """One chunk of a row's draw (``_draw_chunk``), its best score and
-    column stored at ``best_ptr`` / ``best_col_ptr``. The row's last chunk
-    to finish then finishes the row (``_finish_row``: its token, logprobs
-    and ``StepRecord``), counted at ``arrivals_ptr`` (zero before and after
-    a launch)."""
-    CANDIDATES: tl.constexpr = TOP_N_SIGMA or MIN_P
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    x_row = x_ptr + row.to(tl.int64) * row_stride
-    bias_lo, bias_hi, slot, presence, frequency, repetition = _edit_params(
-        row, bias_starts_ptr, row_slots_ptr, presence_ptr, frequency_ptr,
-        repetition_ptr, HAS_BIAS, HAS_PENALTIES)
-    temperature, threshold, read_from, key, row_counter = _row_draw(
-        row, stats_ptr, num_chunks, vocab_size, temperature_ptr, threshold_ptr,
-        top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr, seeded_index_ptr, seed,
-        HAS_THRESHOLD, TOP_N_SIGMA, MIN_P, HAS_SEEDED, TILE, CHUNKS_POW2)
-    row_start = row.to(tl.int64) * vocab_size
-    top, col, _, _ = _draw_chunk(
-        chunk, row, x_row, vocab_size, edited_segment_max_ptr, num_segments,
-        temperature, threshold, read_from, key, row_counter, row_start,
-        bias_keys_ptr, bias_values_ptr, bias_lo,
-        _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
-                           HAS_BIAS), bias_hi, slot, seen_ptr, seen_stride,
-        counts_ptr, presence, frequency, repetition, CANDIDATES, HAS_BIAS,
-        HAS_PENALTIES, TILE, SEGMENT, CHUNK_TILES)
     at = row.to(tl.int64) * num_chunks + chunk
     tl.store(best_ptr + at, top)
-    tl.store(best_col_ptr + at, col)
+    tl.store(
+        best_col_ptr + at,
+        tl.min(tl.min(tl.where(best == top, best_col, vocab_size), axis=1),
+               axis=0))
     # Every thread's stores above are issued; the atomic (acq_rel, GPU
     # scope) orders them before the last chunk's loads of them.
     tl.debug_barrier()
     if tl.atomic_add(arrivals_ptr + row, 1) == num_chunks - 1:
         tl.store(arrivals_ptr + row, 0)  # ready for the next launch
-        _finish_row(
-            row,
-            _best_chunk_col(row, best_ptr, best_col_ptr, num_chunks, vocab_size,
-                            CHUNKS_POW2), x_ptr, row_stride, vocab_size,
-            token_ptr, stats_ptr, num_chunks, segment_max_ptr, num_segments, k,
-            lp_ids_ptr, lp_values_ptr, lp_stride, ranks_ptr, lp_stats_ptr,
-            row_slots_ptr, counts_ptr, seen_ptr, seen_stride, seeded_index_ptr,
-            seeded_keys_ptr, next_keys_ptr, True, LOGPROBS, TOP_K,
-            RECORD_COUNTS, RECORD_KEYS, KEY_STEP, KEY_MASK, SEGMENT,
-            SEGMENT_BLOCK, NUM_SEGMENTS_POW2, K_POW2, CHUNKS_POW2)
+        _finish_row(row, x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
+                    token_ptr, stats_ptr, num_chunks, segment_max_ptr,
+                    num_segments, k, lp_ids_ptr, lp_values_ptr, lp_stride,
+                    ranks_ptr, lp_stats_ptr, row_slots_ptr, counts_ptr,
+                    seen_ptr, seen_stride, seeded_index_ptr, seeded_keys_ptr,
+                    next_keys_ptr, True, LOGPROBS, TOP_K, RECORD_COUNTS,
+                    RECORD_KEYS, KEY_STEP, KEY_MASK, SEGMENT, SEGMENT_BLOCK,
+                    NUM_SEGMENTS_POW2, K_POW2, CHUNKS_POW2)
 
 
 @triton.jit
-def _best_chunk_col(row, best_ptr, best_col_ptr, num_chunks, vocab_size,
-                    CHUNKS_POW2: tl.constexpr):
-    """The column of the row's best chunk score (the first column of equal
-    ones; column 0 for a row of -inf)."""
-    chunks = tl.arange(0, CHUNKS_POW2)
-    at = row.to(tl.int64) * num_chunks + chunks
-    # From L2 (.cg): other programs of this launch may have just written
-    # them (``_draw_kernel``).
-    scores = tl.load(best_ptr + at,
-                     mask=chunks < num_chunks,
-                     other=float("-inf"),
-                     cache_modifier=".cg")
-    chunk_cols = tl.load(best_col_ptr + at,
-                         mask=chunks < num_chunks,
-                         other=vocab_size,
-                         cache_modifier=".cg")
-    top = tl.max(scores, axis=0)
-    col = tl.min(tl.where(scores == top, chunk_cols, vocab_size), axis=0)
-    return tl.where(col < vocab_size, col, 0)
-
-
-@triton.jit
-def _finish_row(
-        row, col, x_ptr, row_stride, vocab_size, token_ptr, stats_ptr,
-        num_chunks, segment_max_ptr, num_segments, k, lp_ids_ptr, lp_values_ptr,
-        lp_stride, ranks_ptr, lp_stats_ptr, row_slots_ptr, counts_ptr, seen_ptr,
-        seen_stride, seeded_index_ptr, seeded_keys_ptr, next_keys_ptr,
-        DRAWN: tl.constexpr, LOGPROBS: tl.constexpr, TOP_K: tl.constexpr,
-        RECORD_COUNTS: tl.constexpr, RECORD_KEYS: tl.constexpr,
-        KEY_STEP: tl.constexpr, KEY_MASK: tl.constexpr, SEGMENT: tl.constexpr,
-        SEGMENT_BLOCK: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
-        K_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr):
-    """Row ``row``'s token ``col``: with ``DRAWN`` (it was drawn here), it
-    goes to ``token_ptr``; with ``LOGPROBS``, its log probability and rank
-    in column 0 of the logprobs, the top ``k`` (with ``TOP_K``) after it,
-    and the row's raw max and log-sum (for a top-k computed elsewhere).
+def _finish_row(row, x_ptr, row_stride, vocab_size, best_ptr, best_col_ptr,
+                token_ptr, stats_ptr, num_chunks, segment_max_ptr, num_segments,
+                k, lp_ids_ptr, lp_values_ptr, lp_stride, ranks_ptr,
+                lp_stats_ptr, row_slots_ptr, counts_ptr, seen_ptr, seen_stride,
+                seeded_index_ptr, seeded_keys_ptr, next_keys_ptr,
+                DRAWN: tl.constexpr, LOGPROBS: tl.constexpr,
+                TOP_K: tl.constexpr, RECORD_COUNTS: tl.constexpr,
+                RECORD_KEYS: tl.constexpr, KEY_STEP: tl.constexpr,
+                KEY_MASK: tl.constexpr, SEGMENT: tl.constexpr,
+                SEGMENT_BLOCK: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
+                K_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+    """Row ``row``: with ``DRAWN``, the token of the best chunk's score (the
+    first column of equal ones) into ``token_ptr``, else the token given
+    there; with ``LOGPROBS``, its log probability and rank in column 0 of
+    the logprobs, the top ``k`` (with ``TOP_K``) after it, and the row's
+    raw max and log-sum (for a top-k computed elsewhere).
 
     ``StepRecord``: with ``RECORD_COUNTS``, a penalised row's token is
     added to its slot's count and seen bit (``mark_tokens``); with
@@ -904,6 +707,21 @@ def _finish_row(
     ``next_keys_ptr`` (``step_keys``: one ``KEY_STEP`` more)."""
     x_row = x_ptr + row.to(tl.int64) * row_stride
     if DRAWN:
+        chunks = tl.arange(0, CHUNKS_POW2)
+        at = row.to(tl.int64) * num_chunks + chunks
+        # From L2 (.cg): other programs of this launch may have just
+        # written them (``_draw_kernel``).
+        scores = tl.load(best_ptr + at,
+                         mask=chunks < num_chunks,
+                         other=float("-inf"),
+                         cache_modifier=".cg")
+        chunk_cols = tl.load(best_col_ptr + at,
+                             mask=chunks < num_chunks,
+                             other=vocab_size,
+                             cache_modifier=".cg")
+        top = tl.max(scores, axis=0)
+        col = tl.min(tl.where(scores == top, chunk_cols, vocab_size), axis=0)
+        col = tl.where(col < vocab_size, col, 0)  # a row of -inf: column 0
         tl.store(token_ptr + row, col.to(tl.int64))
         if RECORD_COUNTS:
             slot = tl.load(row_slots_ptr + row)
@@ -917,6 +735,8 @@ def _finish_row(
             if index >= 0:
                 key = tl.load(seeded_keys_ptr + index)
                 tl.store(next_keys_ptr + index, (key + KEY_STEP) & KEY_MASK)
+    else:
+        col = tl.load(token_ptr + row)
     if LOGPROBS:
         _, _, raw_max, log_sum = _row_stats_of(stats_ptr, row, num_chunks,
                                                CHUNKS_POW2)
@@ -940,15 +760,14 @@ def _finish_row(
 
 @triton.jit(do_not_specialize=["k"])
 def _finish_kernel(x_ptr, row_stride, vocab_size, token_ptr, stats_ptr,
-                   num_chunks, segment_max_ptr, num_segments, k, lp_ids_ptr,
+                   num_chunks, num_segments, segment_max_ptr, k, lp_ids_ptr,
                    lp_values_ptr, lp_stride, ranks_ptr, lp_stats_ptr,
                    TOP_K: tl.constexpr, SEGMENT: tl.constexpr,
                    SEGMENT_BLOCK: tl.constexpr, NUM_SEGMENTS_POW2: tl.constexpr,
                    K_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr):
     """``_finish_row`` of each row for the tokens given at ``token_ptr``:
     their logprobs (``topk_logprobs``)."""
-    row = tl.program_id(0)
-    _finish_row(row, tl.load(token_ptr + row), x_ptr, row_stride, vocab_size,
+    _finish_row(tl.program_id(0), x_ptr, row_stride, vocab_size, None, None,
                 token_ptr, stats_ptr, num_chunks, segment_max_ptr, num_segments,
                 k, lp_ids_ptr, lp_values_ptr, lp_stride, ranks_ptr,
                 lp_stats_ptr, None, None, None, 0, None, None, None, False,
@@ -1065,14 +884,12 @@ def _stats(
     stats: bool,
     sigma: bool,
     logprobs: bool,
-    segments: bool = False,
-    draw: dict | None = None
+    segments: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch ``_stats_kernel`` on ``x`` (columns contiguous; ``ws`` its
     workspace). -> the per-chunk statistics [N, chunks, _NUM_STATS], with
     ``logprobs`` the raw segment maxima [N, segments] and with ``segments``
-    the edited ones. With ``draw`` (``_draw_kernel``'s arguments from
-    ``temperature_ptr`` on, and ``DRAW``), the launch also draws the rows."""
+    the edited ones."""
     num_rows, vocab_size = x.shape
     out = ws.stats
     segment_max = ws.segment_max if logprobs else None
@@ -1096,29 +913,28 @@ def _stats(
                                              TILE=_TILE,
                                              SEGMENT=_SEGMENT,
                                              CHUNK_TILES=_CHUNK_TILES,
-                                             num_warps=_NUM_WARPS,
-                                             **(draw or {}))
+                                             num_warps=_NUM_WARPS)
     return out, segment_max, edited_segment_max
 
 
 def _logprobs_args(ws: _Workspace, num_logprobs: int | None,
-                   outputs: tuple[torch.Tensor, ...]) -> dict:
-    """The kernels' logprobs arguments (``k`` to ``lp_stats_ptr``) and
-    constants by name, for ``num_logprobs`` (None: none) into ``outputs``
-    (ids, log probabilities, ranks: see ``_host_outputs``)."""
+                   outputs: tuple[torch.Tensor, ...]) -> tuple[list, dict]:
+    """The kernels' logprobs arguments (``segment_max_ptr``, then ``k`` to
+    ``lp_stats_ptr``) and constants, for ``num_logprobs`` (None: none) into
+    ``outputs`` (ids, log probabilities, ranks: see ``_host_outputs``)."""
     k = num_logprobs or 0
     ids, values, ranks = outputs or (None, None, None)
-    return dict(k=k,
-                lp_ids_ptr=ids,
-                lp_values_ptr=values,
-                lp_stride=k + 1,
-                ranks_ptr=ranks,
-                lp_stats_ptr=ws.lp_stats,
-                TOP_K=0 < k <= _MAX_KERNEL_TOP_K,
-                SEGMENT_BLOCK=_SEGMENT_BLOCK,
-                NUM_SEGMENTS_POW2=ws.num_segments_pow2,
-                K_POW2=_next_power_of_2(k),
-                CHUNKS_POW2=ws.chunks_pow2)
+    args = [
+        ws.segment_max if outputs else None, k, ids, values, k + 1, ranks,
+        ws.lp_stats
+    ]
+    constants = dict(TOP_K=0 < k <= _MAX_KERNEL_TOP_K,
+                     SEGMENT=_SEGMENT,
+                     SEGMENT_BLOCK=_SEGMENT_BLOCK,
+                     NUM_SEGMENTS_POW2=ws.num_segments_pow2,
+                     K_POW2=_next_power_of_2(k),
+                     CHUNKS_POW2=ws.chunks_pow2)
+    return args, constants
 
 
 def _top_k_elsewhere(x: torch.Tensor, ws: _Workspace, num_logprobs: int | None,
@@ -1161,11 +977,6 @@ def sample(
 
     ``record``: also does what it asks (the tokens into ``penalties``'
     counts, the seeded rows' next keys) and sets ``record.done``.
-
-    With a top-nσ or min_p rule, one launch of ``_stats_kernel`` (its last
-    chunk of each row draws the row, from the few segments that reach the
-    threshold); else ``_draw_kernel`` over every segment, after a
-    ``_stats_kernel`` for the logprobs.
     """
     x = _columns_contiguous(x)
     num_rows, vocab_size = x.shape
@@ -1173,66 +984,56 @@ def sample(
     rules = top_n_sigma is not None or min_p is not None
     logprobs = num_logprobs is not None
     ws = _workspace_of(x)
+    stats = edited_segment_max = None
+    if rules or logprobs:
+        # With a rule, the draw reads only the segments that reach it.
+        stats, _, edited_segment_max = _stats(x, ws, bias, penalties, rules,
+                                              top_n_sigma is not None, logprobs,
+                                              rules)
     tokens, *outputs = _host_outputs(num_rows, num_logprobs, x.device)
+    lp_args, lp_constants = _logprobs_args(ws, num_logprobs, tuple(outputs))
     next_keys = None
     record_counts = False
     if record is not None and not record.done:
         next_keys = record.next_keys if seeded_keys is not None else None
         record_counts = penalties is not None
         record.done = True
-    draw = dict(temperature_ptr=temperature,
-                threshold_ptr=threshold,
-                top_n_sigma_ptr=top_n_sigma,
-                min_p_ptr=min_p,
-                seeded_keys_ptr=seeded_keys,
-                seeded_index_ptr=seeded_index,
-                seed=seed,
-                arrivals_ptr=ws.arrivals,
-                token_ptr=tokens,
-                next_keys_ptr=next_keys,
-                HAS_THRESHOLD=threshold is not None,
-                TOP_N_SIGMA=top_n_sigma is not None,
-                MIN_P=min_p is not None,
-                HAS_SEEDED=seeded_keys is not None,
-                RECORD_COUNTS=record_counts,
-                RECORD_KEYS=next_keys is not None,
-                KEY_STEP=KEY_STEP,
-                KEY_MASK=KEY_MASK,
-                **_logprobs_args(ws, num_logprobs, tuple(outputs)))
-    if rules:
-        _stats(x,
-               ws,
-               bias,
-               penalties,
-               True,
-               top_n_sigma is not None,
-               logprobs,
-               segments=True,
-               draw=dict(draw, DRAW=True, maxnreg=_DRAW_REGISTERS))
-    else:
-        stats = None
-        if logprobs:
-            stats, _, _ = _stats(x, ws, None, None, False, False, True)
-        _draw_kernel[(num_rows,
-                      ws.num_chunks)](x,
-                                      x.stride(0),
-                                      vocab_size,
-                                      *_edit_args(bias, penalties),
-                                      stats,
-                                      ws.num_chunks,
-                                      ws.segment_max if logprobs else None,
-                                      None,
-                                      ws.num_segments,
-                                      ws.best,
-                                      ws.best_col,
-                                      HAS_BIAS=bias is not None,
-                                      HAS_PENALTIES=penalties is not None,
-                                      LOGPROBS=logprobs,
-                                      TILE=_TILE,
-                                      SEGMENT=_SEGMENT,
-                                      CHUNK_TILES=_CHUNK_TILES,
-                                      num_warps=_NUM_WARPS,
-                                      **draw)
+    _draw_kernel[(num_rows, ws.num_chunks)](x,
+                                            x.stride(0),
+                                            vocab_size,
+                                            temperature,
+                                            threshold,
+                                            top_n_sigma,
+                                            min_p,
+                                            seeded_keys,
+                                            seeded_index,
+                                            seed,
+                                            *_edit_args(bias, penalties),
+                                            stats,
+                                            ws.num_chunks,
+                                            edited_segment_max,
+                                            ws.num_segments,
+                                            ws.best,
+                                            ws.best_col,
+                                            ws.arrivals,
+                                            tokens,
+                                            *lp_args,
+                                            next_keys,
+                                            HAS_THRESHOLD=threshold is not None,
+                                            TOP_N_SIGMA=top_n_sigma is not None,
+                                            MIN_P=min_p is not None,
+                                            HAS_SEEDED=seeded_keys is not None,
+                                            HAS_BIAS=bias is not None,
+                                            HAS_PENALTIES=penalties is not None,
+                                            LOGPROBS=logprobs,
+                                            RECORD_COUNTS=record_counts,
+                                            RECORD_KEYS=next_keys is not None,
+                                            KEY_STEP=KEY_STEP,
+                                            KEY_MASK=KEY_MASK,
+                                            TILE=_TILE,
+                                            CHUNK_TILES=_CHUNK_TILES,
+                                            **lp_constants,
+                                            num_warps=_NUM_WARPS)
     _top_k_elsewhere(x, ws, num_logprobs, tuple(outputs))
     if not outputs:
         return tokens, None
@@ -1372,8 +1173,9 @@ def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     logits = _columns_contiguous(logits)
     num_rows, vocab_size = logits.shape
     ws = _workspace_of(logits)
-    stats, segment_max, _ = _stats(logits, ws, None, None, False, False, True)
+    stats, _, _ = _stats(logits, ws, None, None, False, False, True)
     _, *outputs = _host_outputs(num_rows, k, logits.device)
+    lp_args, lp_constants = _logprobs_args(ws, k, tuple(outputs))
     _finish_kernel[(num_rows, )](
         logits,
         logits.stride(0),
@@ -1381,11 +1183,10 @@ def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
         token_ids.to(torch.int64).reshape(num_rows).contiguous(),
         stats,
         ws.num_chunks,
-        segment_max,
         ws.num_segments,
-        SEGMENT=_SEGMENT,
-        num_warps=_NUM_WARPS,
-        **_logprobs_args(ws, k, tuple(outputs)))
+        *lp_args,
+        **lp_constants,
+        num_warps=_NUM_WARPS)
     _top_k_elsewhere(logits, ws, k, tuple(outputs))
     ids, values, ranks = outputs
     return ids, values, ranks
