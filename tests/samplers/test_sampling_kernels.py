@@ -328,6 +328,42 @@ def test_edit_matches_torch(shape):
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(2, 5000)] if INTERPRET else [(2, 151_936)])
+def test_rows_with_many_bias_entries(shape):
+    """A row with more logit_bias entries than a program counts at once
+    (``_BIAS_BLOCK``), spread over the row: every program, wherever its
+    columns start, applies exactly its own. ``kernels.edit`` equals torch,
+    and the greedy draw (with and without a min_p rule) takes the argmax of
+    the biased logits, placed on an entry late in the row."""
+    num_rows, vocab_size = shape
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(num_rows, vocab_size, generator=gen)
+    cols = torch.randperm(vocab_size, generator=gen)[:150].sort().values
+    values = torch.rand(150, generator=gen) * 2 - 1
+    values[-3] = 50.0  # the argmax: a late entry of row 0
+    rows = torch.zeros(150, dtype=torch.int64)
+    # Row 1: a single entry, in its last column.
+    keys = torch.cat(
+        [rows * vocab_size + cols,
+         torch.tensor([2 * vocab_size - 1])])
+    bias = LogitBias(keys=keys,
+                     values=torch.cat([values, torch.tensor([50.0])]),
+                     row_starts=torch.tensor([0, 150, 151]))
+    expected = logits.clone()
+    expected.view(-1).index_add_(0, bias.keys, bias.values)
+    got = logits.to(DEVICE)
+    kernels.edit(got, to_device(bias), None)
+    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+    zeros = torch.zeros(num_rows, device=DEVICE)
+    for min_p in (None, torch.full((num_rows, ), 0.5, device=DEVICE)):
+        tokens, _ = kernels.sample(logits.to(DEVICE),
+                                   zeros,
+                                   5,
+                                   min_p=min_p,
+                                   bias=to_device(bias))
+        assert tokens.cpu().tolist() == expected.argmax(dim=-1).tolist()
+
+
 def test_mark_tokens_matches_torch():
     """The kernel's counts and seen bits equal those of the torch code (on
     CPU tensors): repeated keys, bit 31 of a word, slots in any order."""

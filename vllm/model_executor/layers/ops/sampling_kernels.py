@@ -69,6 +69,8 @@ _CHUNK_TILES = 16
 # every program of the draw.
 _SEGMENT_BLOCK = 32
 _COUNT_WINDOW = tl.constexpr(256)
+# Bias entries a program counts at once to find its first one.
+_BIAS_BLOCK = tl.constexpr(64)
 # Past this k, top-k logprobs come from torch.topk: the segments holding
 # them would cover most of the row.
 _MAX_KERNEL_TOP_K = 64
@@ -142,13 +144,20 @@ def _bias_column(bias_keys_ptr, entry, bias_hi, row_start):
 
 
 @triton.jit
-def _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
-                       HAS_BIAS: tl.constexpr):
-    """``_edit``'s ``next_col`` before the first tile."""
+def _first_bias_entry(bias_keys_ptr, bias_lo, bias_hi, row_start, first_col,
+                      HAS_BIAS: tl.constexpr):
+    """``_edit``'s bias entry and its column for tiles from column
+    ``first_col`` on: the entries before it are counted in one load of the
+    row's first ``_BIAS_BLOCK`` (a program in the middle of a row does not
+    wait for them one after another; ``_add_bias`` walks past any more)."""
+    entry = bias_lo
     next_col = bias_lo
     if HAS_BIAS:
-        next_col = _bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start)
-    return next_col
+        block = tl.arange(0, _BIAS_BLOCK)
+        cols = _bias_column(bias_keys_ptr, bias_lo + block, bias_hi, row_start)
+        entry += tl.sum((cols < first_col).to(tl.int64), axis=0)
+        next_col = _bias_column(bias_keys_ptr, entry, bias_hi, row_start)
+    return entry, next_col
 
 
 @triton.jit
@@ -324,9 +333,8 @@ def _stats_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
     scaled_max = tl.full([ROWS], -_FLT_MAX, tl.float32)
     sum_exp = tl.zeros([ROWS, SEGMENT // 8, 8], tl.float32)
     row_start = row.to(tl.int64) * vocab_size
-    entry = bias_lo
-    next_col = _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
-                                  HAS_BIAS)
+    entry, next_col = _first_bias_entry(bias_keys_ptr, bias_lo, bias_hi,
+                                        row_start, chunk_start, HAS_BIAS)
     # A penalised row's seen bits and counts, and which of the chunk's
     # tiles have a bit set: the others skip the penalties.
     tiles_seen = 0
@@ -625,9 +633,9 @@ def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
     best = tl.full([ROWS, SEGMENT], float("-inf"), tl.float32)
     best_col = tl.zeros([ROWS, SEGMENT], tl.int32) + first_segment * SEGMENT
     row_start = row.to(tl.int64) * vocab_size
-    entry = bias_lo
-    next_col = _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
-                                  HAS_BIAS)
+    entry, next_col = _first_bias_entry(bias_keys_ptr, bias_lo, bias_hi,
+                                        row_start, first_segment * SEGMENT,
+                                        HAS_BIAS)
     # The next block's logits load while this one's are used.
     segments_next, cols_next, x_next = _read_segments(x_row, 0, first_segment,
                                                       order, num_read,
@@ -1099,12 +1107,13 @@ def _edit_kernel(x_ptr, row_stride, vocab_size, bias_keys_ptr, bias_values_ptr,
     x_at = x_ptr + row.to(tl.int64) * row_stride + cols
     x = tl.load(x_at, mask=mask, other=0.0)
     row_start = row.to(tl.int64) * vocab_size
-    x, _, _ = _edit(
-        x, cols, start // 8 + tl.arange(0, BLOCK // 8), start, start + BLOCK,
-        row_start, vocab_size, bias_keys_ptr, bias_values_ptr, bias_lo,
-        _first_bias_column(bias_keys_ptr, bias_lo, bias_hi, row_start,
-                           HAS_BIAS), bias_hi, slot, seen_ptr, seen_stride,
-        counts_ptr, presence, frequency, repetition, HAS_BIAS, HAS_PENALTIES)
+    entry, next_col = _first_bias_entry(bias_keys_ptr, bias_lo, bias_hi,
+                                        row_start, start, HAS_BIAS)
+    x, _, _ = _edit(x, cols, start // 8 + tl.arange(0, BLOCK // 8), start,
+                    start + BLOCK, row_start, vocab_size, bias_keys_ptr,
+                    bias_values_ptr, entry, next_col, bias_hi, slot, seen_ptr,
+                    seen_stride, counts_ptr, presence, frequency, repetition,
+                    HAS_BIAS, HAS_PENALTIES)
     tl.store(x_at, x, mask=mask)
 
 
