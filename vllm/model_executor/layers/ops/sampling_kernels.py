@@ -64,9 +64,9 @@ _NUM_WARPS = 4
 # Tiles of one (row, chunk) program: 16,384 columns, about 10 programs per
 # row of a 150k vocabulary.
 _CHUNK_TILES = 16
-# Segments whose logits the count of larger logits reads at once, and
-# that it looks at (and sorts) at once: sorting more costs registers in
-# every program of the draw.
+# The count of larger logits (a token's rank) looks at _COUNT_WINDOW
+# segment maxima at a time (sorting more costs registers in every program
+# of the draw) and reads the logits of _SEGMENT_BLOCK segments at a time.
 _SEGMENT_BLOCK = 32
 _COUNT_WINDOW = tl.constexpr(256)
 # Bias entries a program counts at once to find its first one.
