@@ -573,8 +573,8 @@ class SamplingState:
                 self._last_token[slots] = _UNKNOWN
                 batch.last_unknown = True
                 return _CountsUpdate(sampled=sampled[1])
-        update = self._recount(batch, outputs, lengths_list, prompt_token_ids,
-                               host, sampled)
+        update = self._recount(batch, outputs, lengths_list, known,
+                               prompt_token_ids, host, sampled)
         # Each row's list is now its slot's (the same, or rebuilt).
         batch.counted = list(outputs)
         batch.last_unknown = bool((self._last_token[slots] == _UNKNOWN).all())
@@ -582,13 +582,13 @@ class SamplingState:
 
     def _recount(
             self, batch: _Batch, outputs: list[list[int]],
-            lengths_list: list[int], prompt_token_ids: list[list[int]],
-            host: HostBuffers,
+            lengths_list: list[int], known: np.ndarray,
+            prompt_token_ids: list[list[int]], host: HostBuffers,
             sampled: tuple[list[int], torch.Tensor] | None) -> _CountsUpdate:
         """``_update_counts`` row by row: append the one new token of the
-        outputs that grew by one, rebuild those that changed otherwise."""
+        outputs that grew by one (``known``: the lengths counted so far),
+        rebuild those that changed otherwise."""
         rows, slots = batch.penalised_rows, batch.penalised_slots
-        known = self._output_len[slots]
         lengths = np.array(lengths_list, dtype=np.int64)
         grown = lengths - known
         same = np.fromiter(map(operator.is_, outputs, self._outputs[slots]),
