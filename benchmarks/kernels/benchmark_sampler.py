@@ -18,7 +18,10 @@ its sampled token, as in decoding, and ``--replace-per-step`` sequences
 finish and are replaced by new ones (0: the batch never changes). One
 ``SamplingState`` lives across all the steps of a config, as in the engine;
 the "stateless prepare" row builds every tensor at every step with
-``SamplingMetadata.prepare`` instead. Steps are timed with CUDA events (on
+``SamplingMetadata.prepare`` instead. The ``Sampler`` replays its launches
+as CUDA graphs when a step repeats the one before (``LaunchGraphs``), as
+in the engine without ``enforce_eager``; the "no CUDA graphs" row launches
+them at every step. Steps are timed with CUDA events (on
 CPU: ``time.perf_counter``) after warm-up steps, the configs taking turns
 (``--rounds``: the host's speed drifts by tens of percent within a minute,
 and the ratios to greedy should not); the table shows the median and the
@@ -92,14 +95,16 @@ def all_features_top_k_top_p(row: int, vocab_size: int) -> SamplingParams:
 
 
 # name -> (the parameters of row i, whether the engine's SamplingState
-# keeps them between steps)
-CONFIGS: dict[str, tuple[Callable[[int, int], SamplingParams], bool]] = {
-    "greedy": (greedy, True),
-    "temperature + top_k + top_p": (top_k_top_p, True),
-    "temperature + top_p (no top_k)": (top_p_only, True),
-    "all features": (all_features, True),
-    "all features, stateless prepare": (all_features, False),
-    "all features + top_k + top_p": (all_features_top_k_top_p, True),
+# keeps them between steps, whether the Sampler may replay its launches as
+# CUDA graphs, as in the engine without enforce_eager)
+CONFIGS: dict[str, tuple[Callable[[int, int], SamplingParams], bool, bool]] = {
+    "greedy": (greedy, True, True),
+    "temperature + top_k + top_p": (top_k_top_p, True, True),
+    "temperature + top_p (no top_k)": (top_p_only, True, True),
+    "all features": (all_features, True, True),
+    "all features, no CUDA graphs": (all_features, True, False),
+    "all features, stateless prepare": (all_features, False, True),
+    "all features + top_k + top_p": (all_features_top_k_top_p, True, True),
 }
 
 
@@ -139,7 +144,7 @@ class ConfigBench:
     (``--rounds``), so that each sees the same host speed."""
 
     def __init__(self, make_params: Callable[[int, int], SamplingParams],
-                 keep_state: bool, args: argparse.Namespace,
+                 keep_state: bool, cuda_graphs: bool, args: argparse.Namespace,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.args, self.device = args, device
         self.make_params, self.keep_state = make_params, keep_state
@@ -149,7 +154,7 @@ class ConfigBench:
         self.logits = (
             torch.randn(args.batch_size, args.vocab_size, device=device) *
             3).to(dtype)
-        self.sampler = Sampler()
+        self.sampler = Sampler(cuda_graphs=cuda_graphs)
         self.state = SamplingState(device)
         self.cache = TokenHistoryCache()
         self.use_cuda = device.type == "cuda"
@@ -272,10 +277,11 @@ class ConfigBench:
 
 
 def bench_config(make_params: Callable[[int, int], SamplingParams],
-                 keep_state: bool, args: argparse.Namespace,
+                 keep_state: bool, cuda_graphs: bool, args: argparse.Namespace,
                  device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """One config alone: warm-up, then ``args.repeats`` timed steps."""
-    bench = ConfigBench(make_params, keep_state, args, device, dtype)
+    bench = ConfigBench(make_params, keep_state, cuda_graphs, args, device,
+                        dtype)
     bench.measure(args.repeats)
     return bench.result()
 

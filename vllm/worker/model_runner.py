@@ -78,14 +78,14 @@ class ModelRunner:
         self.model_config = vllm_config.model_config
         self.block_size = vllm_config.cache_config.block_size
         self.device = vllm_config.device_config.device
-        self.sampler = Sampler()
+        sched = vllm_config.scheduler_config
+        self.use_cuda_graphs = (self.device.type == "cuda"
+                                and not vllm_config.enforce_eager)
+        self.sampler = Sampler(cuda_graphs=self.use_cuda_graphs)
         # Sampling parameters and penalty counts, kept between steps.
         self.sampling_state = SamplingState(self.device)
         # forward(input_ids, positions) and compute_logits(hidden_states)
         self.model: Any
-        sched = vllm_config.scheduler_config
-        self.use_cuda_graphs = (self.device.type == "cuda"
-                                and not vllm_config.enforce_eager)
         self.graph_sizes = (capture_sizes(sched.max_num_seqs)
                             if self.use_cuda_graphs else [])
         self.buffers = InputBuffers(

@@ -57,6 +57,7 @@ from types import ModuleType
 import torch
 
 from vllm.model_executor.layers.ops import get_sampling_kernels
+from vllm.model_executor.layers.ops.launch_graphs import LaunchGraphs
 from vllm.model_executor.sampling_metadata import (PenaltyCounts,
                                                    PenaltyTensors,
                                                    SamplingMetadata, seen_mask)
@@ -200,7 +201,17 @@ class HostCopy:
 
 
 class Sampler(torch.nn.Module):
-    """Samples one token per row of logits, as ``SamplingMetadata`` says."""
+    """Samples one token per row of logits, as ``SamplingMetadata`` says.
+
+    ``cuda_graphs``: the fused kernels' launches replay as CUDA graphs when
+    a step repeats those of a step before with the same arguments (a batch
+    whose sequences stay the same: ``LaunchGraphs``); False launches them
+    at every step (``enforce_eager``).
+    """
+
+    def __init__(self, cuda_graphs: bool = True) -> None:
+        super().__init__()
+        self.graphs = LaunchGraphs() if cuda_graphs else None
 
     def forward(self, logits: torch.Tensor,
                 sampling_metadata: SamplingMetadata) -> SamplerOutput:
@@ -222,7 +233,8 @@ class Sampler(torch.nn.Module):
                                                             md,
                                                             edit=True,
                                                             logprobs=work
-                                                            is logits)
+                                                            is logits,
+                                                            graphs=self.graphs)
         else:
             work = apply_masks(logits, md, copy=True)
             work = apply_bias_and_penalties(work, md, kernels)
@@ -732,6 +744,7 @@ def fused_random_sample(
     threshold: torch.Tensor | None = None,
     edit: bool = False,
     logprobs: bool = False,
+    graphs: LaunchGraphs | None = None,
 ) -> tuple[torch.Tensor, LogprobsTensors | None]:
     """``random_sample`` (and the greedy rows' argmax) in one launch of
     ``kernels.sample``. -> [N], and with ``logprobs`` those of ``logits``
@@ -745,8 +758,9 @@ def fused_random_sample(
     where it reads each logit, as ``apply_bias_and_penalties`` would.
 
     The unseeded rows' noise is made in the kernel, keyed by a seed drawn
-    from torch's default CPU generator (no device sync; ``torch.manual_seed``
-    makes runs reproducible); seeded rows use the keys of ``SeededNoise``.
+    on the device by torch's CUDA generator (``torch.manual_seed`` makes runs
+    reproducible); seeded rows use the keys of ``SeededNoise``. ``graphs``:
+    see ``Sampler``.
     """
     temperature = md.temperature
     if not md.all_random:
@@ -754,7 +768,6 @@ def fused_random_sample(
     seeded_keys = None
     if md.generators:
         seeded_keys = SeededNoise(md, logits, kernels).keys
-    seed = int(torch.randint(1 << 32, 1 << 62, ()).item())
     rules_done = threshold is not None
     penalties = md.penalties if edit else None
     assert not isinstance(penalties, PenaltyTensors)
@@ -763,7 +776,6 @@ def fused_random_sample(
     sampled, lp = kernels.sample(
         logits,
         temperature,
-        seed,
         threshold=threshold,
         top_n_sigma=None if rules_done else md.top_n_sigma,
         min_p=None if rules_done else md.min_p,
@@ -772,7 +784,8 @@ def fused_random_sample(
         bias=md.logit_bias if edit else None,
         penalties=penalties,
         num_logprobs=md.max_num_logprobs if logprobs else None,
-        record=md.record if edit else None)
+        record=md.record if edit else None,
+        graphs=graphs)
     return sampled, None if lp is None else LogprobsTensors(*lp)
 
 

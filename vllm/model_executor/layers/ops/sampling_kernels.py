@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops.launch_graphs import LaunchGraphs
 from vllm.model_executor.sampling_metadata import KEY_MASK, KEY_STEP
 
 if TYPE_CHECKING:
@@ -533,10 +534,10 @@ def _read_segments(x_row, b, first_segment, order, num_read, num_segments,
     return segments, cols, _load(x_row, cols, vocab_size)
 
 
-@triton.jit(do_not_specialize=["seed", "k"])
+@triton.jit(do_not_specialize=["k"])
 def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
                  top_n_sigma_ptr, min_p_ptr, seeded_keys_ptr, seeded_index_ptr,
-                 seed, bias_keys_ptr, bias_values_ptr, bias_starts_ptr,
+                 seed_ptr, bias_keys_ptr, bias_values_ptr, bias_starts_ptr,
                  row_slots_ptr, seen_ptr, seen_stride, counts_ptr, presence_ptr,
                  frequency_ptr, repetition_ptr, stats_ptr, num_chunks,
                  edited_segment_max_ptr, num_segments, best_ptr, best_col_ptr,
@@ -622,7 +623,7 @@ def _draw_kernel(x_ptr, row_stride, vocab_size, temperature_ptr, threshold_ptr,
     # and its column (counter column // 4, output column % 4); a seeded row
     # has its own key and counts from 0.
     row_counter = row.to(tl.int64) * tl.cdiv(vocab_size, TILE) * (TILE // 4)
-    key = seed.to(tl.int64)
+    key = tl.load(seed_ptr)
     if HAS_SEEDED:
         seeded_index = tl.load(seeded_index_ptr + row)
         if seeded_index >= 0:
@@ -799,19 +800,26 @@ def _edit_args(bias: "LogitBias | None",
     ]
 
 
-def _host_outputs(num_rows: int, k: int | None,
-                  device: torch.device) -> tuple[torch.Tensor, ...]:
-    """What the host reads of a step, as views of one int64 buffer (one
-    copy for ``HostCopy``): token ids [N] int64 and, with ``k``, the
+def _output_buffer(num_rows: int, k: int | None,
+                   device: torch.device) -> torch.Tensor:
+    """The int64 buffer of ``_host_outputs``."""
+    length = num_rows
+    if k is not None:
+        # [tokens | ranks | ids | values (two float32 per int64)]
+        size = num_rows * (k + 1)
+        length = 2 * num_rows + size + (size + 1) // 2
+    return torch.empty(length, dtype=torch.int64, device=device)
+
+
+def _host_outputs(buffer: torch.Tensor, num_rows: int,
+                  k: int | None) -> tuple[torch.Tensor, ...]:
+    """What the host reads of a step, as views of one int64 ``buffer``
+    (one copy for ``HostCopy``): token ids [N] int64 and, with ``k``, the
     logprobs outputs: ids [N, k+1] int64, log probabilities [N, k+1]
-    float32 and ranks [N] int64."""
+    float32 and ranks [N] int64. Each view is made in one op."""
     if k is None:
-        return (torch.empty(num_rows, dtype=torch.int64, device=device), )
+        return (buffer, )
     size = num_rows * (k + 1)
-    # [tokens | ranks | ids | values], each view made in one op.
-    buffer = torch.empty(2 * num_rows + size + (size + 1) // 2,
-                         dtype=torch.int64,
-                         device=device)
     shape, strides = (num_rows, k + 1), (k + 1, 1)
     return (buffer[:num_rows], buffer.as_strided(shape, strides, 2 * num_rows),
             buffer.view(torch.float32).as_strided(shape, strides,
@@ -833,9 +841,12 @@ class _Workspace:
     row, the sizes the kernels take as constants, and the intermediate
     results on the device: per-chunk statistics [N, chunks, _NUM_STATS],
     raw and edited segment maxima [N, segments], each chunk's best score
-    and its column [N, chunks], each row's raw max and log-sum [N, 2], and
-    per row the chunks of a ``_draw_kernel`` launch done so far (zeros,
-    which the row's last chunk puts back) [N] int32."""
+    and its column [N, chunks], each row's raw max and log-sum [N, 2], per
+    row the chunks of a ``_draw_kernel`` launch done so far (zeros, which
+    the row's last chunk puts back) [N] int32, the unseeded rows' Philox
+    key [1] int64, and ``sample``'s outputs (``_output_buffer``) by number
+    of logprobs: a step's launches always take the same addresses, and
+    ``sample`` returns a copy."""
     num_chunks: int
     num_segments: int
     chunks_pow2: int
@@ -847,6 +858,15 @@ class _Workspace:
     best_col: torch.Tensor
     lp_stats: torch.Tensor
     arrivals: torch.Tensor
+    seed: torch.Tensor
+    outputs: dict[int | None, torch.Tensor]
+
+    def output_buffer(self, k: int | None) -> torch.Tensor:
+        buffer = self.outputs.get(k)
+        if buffer is None:
+            buffer = self.outputs[k] = _output_buffer(self.arrivals.shape[0], k,
+                                                      self.seed.device)
+        return buffer
 
 
 @functools.lru_cache(maxsize=4)
@@ -877,52 +897,49 @@ def _workspace(device: torch.device, num_rows: int,
         best=best,
         best_col=best_col.view(torch.int32),  # the same bytes
         lp_stats=lp_stats,
-        arrivals=torch.zeros(num_rows, dtype=torch.int32, device=device))
+        arrivals=torch.zeros(num_rows, dtype=torch.int32, device=device),
+        seed=torch.zeros(1, dtype=torch.int64, device=device),
+        outputs={})
 
 
 def _workspace_of(x: torch.Tensor) -> _Workspace:
     return _workspace(x.device, x.shape[0], x.shape[1])
 
 
-def _stats(
-    x: torch.Tensor,
-    ws: _Workspace,
-    bias: "LogitBias | None",
-    penalties: "PenaltyCounts | None",
-    stats: bool,
-    sigma: bool,
-    logprobs: bool,
-    segments: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def _stats(x: torch.Tensor,
+           ws: _Workspace,
+           bias: "LogitBias | None",
+           penalties: "PenaltyCounts | None",
+           stats: bool,
+           sigma: bool,
+           logprobs: bool,
+           segments: bool = False) -> None:
     """Launch ``_stats_kernel`` on ``x`` (columns contiguous; ``ws`` its
-    workspace). -> the per-chunk statistics [N, chunks, _NUM_STATS], with
-    ``logprobs`` the raw segment maxima [N, segments] and with ``segments``
-    the edited ones."""
+    workspace): into ``ws.stats`` the per-chunk statistics [N, chunks,
+    _NUM_STATS], with ``logprobs`` into ``ws.segment_max`` the raw segment
+    maxima [N, segments] and with ``segments`` into
+    ``ws.edited_segment_max`` the edited ones."""
     num_rows, vocab_size = x.shape
-    out = ws.stats
-    segment_max = ws.segment_max if logprobs else None
-    edited_segment_max = ws.edited_segment_max if segments else None
-    _stats_kernel[(num_rows, ws.num_chunks)](x,
-                                             x.stride(0),
-                                             vocab_size,
-                                             *_edit_args(bias, penalties),
-                                             out,
-                                             ws.num_chunks,
-                                             segment_max,
-                                             edited_segment_max,
-                                             ws.num_segments,
-                                             STATS=stats,
-                                             SIGMA=sigma,
-                                             SEGMENTS=segments,
-                                             LOGPROBS=logprobs,
-                                             HAS_BIAS=bias is not None,
-                                             HAS_PENALTIES=penalties
-                                             is not None,
-                                             TILE=_TILE,
-                                             SEGMENT=_SEGMENT,
-                                             CHUNK_TILES=_CHUNK_TILES,
-                                             num_warps=_NUM_WARPS)
-    return out, segment_max, edited_segment_max
+    _stats_kernel[(num_rows,
+                   ws.num_chunks)](x,
+                                   x.stride(0),
+                                   vocab_size,
+                                   *_edit_args(bias, penalties),
+                                   ws.stats,
+                                   ws.num_chunks,
+                                   ws.segment_max if logprobs else None,
+                                   ws.edited_segment_max if segments else None,
+                                   ws.num_segments,
+                                   STATS=stats,
+                                   SIGMA=sigma,
+                                   SEGMENTS=segments,
+                                   LOGPROBS=logprobs,
+                                   HAS_BIAS=bias is not None,
+                                   HAS_PENALTIES=penalties is not None,
+                                   TILE=_TILE,
+                                   SEGMENT=_SEGMENT,
+                                   CHUNK_TILES=_CHUNK_TILES,
+                                   num_warps=_NUM_WARPS)
 
 
 def _logprobs_args(ws: _Workspace, num_logprobs: int | None,
@@ -953,10 +970,17 @@ def _top_k_elsewhere(x: torch.Tensor, ws: _Workspace, num_logprobs: int | None,
         _top_k_with_torch(x, k, outputs[0], outputs[1], ws.lp_stats)
 
 
+def _address(arg: torch.Tensor | int | None) -> int | None:
+    """A launch argument as a key: a tensor by address. (Not
+    ``isinstance(arg, torch.Tensor)``: Tensor's metaclass makes that check
+    cost more than the rest of the key.)"""
+    return arg if arg is None or isinstance(arg, int) else arg.data_ptr()
+
+
 def sample(
     x: torch.Tensor,
     temperature: torch.Tensor,
-    seed: int,
+    seed: int | None = None,
     threshold: torch.Tensor | None = None,
     top_n_sigma: torch.Tensor | None = None,
     min_p: torch.Tensor | None = None,
@@ -966,6 +990,7 @@ def sample(
     penalties: "PenaltyCounts | None" = None,
     num_logprobs: int | None = None,
     record: "StepRecord | None" = None,
+    graphs: LaunchGraphs | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]
            | None]:
     """Per row of ``x`` [N, V], after ``bias`` and ``penalties``, the argmax
@@ -979,73 +1004,118 @@ def sample(
     ``temperature`` [N] float32; 0 takes the argmax (greedy rows). The
     threshold is the largest of ``threshold`` [N], top-nσ's (``top_n_sigma``
     [N], 0 is off) and min_p's (``min_p`` [N]); None: that rule is off. The
-    noise of row i comes from Philox keyed by ``seed`` and each logit's
-    position, or, where ``seeded_index[i]`` >= 0, that of
+    noise of row i comes from Philox keyed by ``seed`` (None: one drawn by
+    torch's CUDA generator) and each logit's position, or, where
+    ``seeded_index[i]`` >= 0, that of
     ``seeded_log_q(seeded_keys[seeded_index[i]], token ids)``.
 
     ``record``: also does what it asks (the tokens into ``penalties``'
     counts, the seeded rows' next keys) and sets ``record.done``.
+    ``graphs``: the launches run through it, keyed by every input (a CUDA
+    graph replays them when they come again with the same ones).
     """
     x = _columns_contiguous(x)
-    num_rows, vocab_size = x.shape
     assert (seeded_keys is None) == (seeded_index is None)
-    rules = top_n_sigma is not None or min_p is not None
-    logprobs = num_logprobs is not None
     ws = _workspace_of(x)
-    stats = edited_segment_max = None
-    if rules or logprobs:
-        # With a rule, the draw reads only the segments that reach it.
-        stats, _, edited_segment_max = _stats(x, ws, bias, penalties, rules,
-                                              top_n_sigma is not None, logprobs,
-                                              rules)
-    tokens, *outputs = _host_outputs(num_rows, num_logprobs, x.device)
-    lp_args, lp_constants = _logprobs_args(ws, num_logprobs, tuple(outputs))
     next_keys = None
     record_counts = False
     if record is not None and not record.done:
         next_keys = record.next_keys if seeded_keys is not None else None
         record_counts = penalties is not None
         record.done = True
-    _draw_kernel[(num_rows, ws.num_chunks)](x,
-                                            x.stride(0),
-                                            vocab_size,
-                                            temperature,
-                                            threshold,
-                                            top_n_sigma,
-                                            min_p,
-                                            seeded_keys,
-                                            seeded_index,
-                                            seed,
-                                            *_edit_args(bias, penalties),
-                                            stats,
-                                            ws.num_chunks,
-                                            edited_segment_max,
-                                            ws.num_segments,
-                                            ws.best,
-                                            ws.best_col,
-                                            ws.arrivals,
-                                            tokens,
-                                            *lp_args,
-                                            next_keys,
-                                            HAS_THRESHOLD=threshold is not None,
-                                            TOP_N_SIGMA=top_n_sigma is not None,
-                                            MIN_P=min_p is not None,
-                                            HAS_SEEDED=seeded_keys is not None,
-                                            HAS_BIAS=bias is not None,
-                                            HAS_PENALTIES=penalties is not None,
-                                            LOGPROBS=logprobs,
-                                            RECORD_COUNTS=record_counts,
-                                            RECORD_KEYS=next_keys is not None,
-                                            KEY_STEP=KEY_STEP,
-                                            KEY_MASK=KEY_MASK,
-                                            TILE=_TILE,
-                                            CHUNK_TILES=_CHUNK_TILES,
-                                            **lp_constants,
-                                            num_warps=_NUM_WARPS)
-    _top_k_elsewhere(x, ws, num_logprobs, tuple(outputs))
+    if seed is not None:
+        ws.seed.fill_(seed)
+    buffer = ws.output_buffer(num_logprobs)
+    launch = functools.partial(_sample_launches, x, ws, buffer, temperature,
+                               seed is None, threshold, top_n_sigma, min_p,
+                               seeded_keys, seeded_index, bias, penalties,
+                               num_logprobs, record_counts, next_keys)
+    if graphs is None or not x.is_cuda:
+        launch()
+    else:
+        # Everything the launches take: the workspace (kept alive with the
+        # graph: its id stays its own), the logits' address, dtype and row
+        # stride, and every other input (each of one dtype).
+        graphs.run(
+            (id(ws), x.data_ptr(), x.dtype, x.stride(0), seed
+             is None, num_logprobs, record_counts,
+             *map(_address,
+                  (temperature, threshold, top_n_sigma, min_p, seeded_keys,
+                   seeded_index, next_keys, *_edit_args(bias, penalties)))),
+            launch,
+            keep=ws)
+    num_rows = x.shape[0]
+    if num_logprobs is not None and num_logprobs > _MAX_KERNEL_TOP_K:
+        _, ids, values, _ = _host_outputs(buffer, num_rows, num_logprobs)
+        _top_k_with_torch(x, num_logprobs, ids, values, ws.lp_stats)
+    # A copy: the next step's launches write into the same buffer.
+    tokens, *outputs = _host_outputs(buffer.clone(), num_rows, num_logprobs)
     if not outputs:
         return tokens, None
     return tokens, (outputs[0], outputs[1], outputs[2])
+
+
+def _sample_launches(x: torch.Tensor, ws: _Workspace, buffer: torch.Tensor,
+                     temperature: torch.Tensor, draw_seed: bool,
+                     threshold: torch.Tensor | None, top_n_sigma: torch.Tensor
+                     | None, min_p: torch.Tensor | None,
+                     seeded_keys: torch.Tensor | None,
+                     seeded_index: torch.Tensor | None,
+                     bias: "LogitBias | None",
+                     penalties: "PenaltyCounts | None",
+                     num_logprobs: int | None, record_counts: bool,
+                     next_keys: torch.Tensor | None) -> None:
+    """The launches of ``sample``, its outputs into ``buffer``
+    (``_host_outputs``); with ``draw_seed``, the unseeded rows' Philox
+    key first."""
+    num_rows, vocab_size = x.shape
+    if draw_seed:
+        ws.seed.random_(1 << 32, 1 << 62)
+    rules = top_n_sigma is not None or min_p is not None
+    logprobs = num_logprobs is not None
+    if rules or logprobs:
+        # With a rule, the draw reads only the segments that reach it.
+        _stats(x, ws, bias, penalties, rules, top_n_sigma is not None, logprobs,
+               rules)
+    tokens, *outputs = _host_outputs(buffer, num_rows, num_logprobs)
+    lp_args, lp_constants = _logprobs_args(ws, num_logprobs, tuple(outputs))
+    _draw_kernel[(num_rows,
+                  ws.num_chunks)](x,
+                                  x.stride(0),
+                                  vocab_size,
+                                  temperature,
+                                  threshold,
+                                  top_n_sigma,
+                                  min_p,
+                                  seeded_keys,
+                                  seeded_index,
+                                  ws.seed,
+                                  *_edit_args(bias, penalties),
+                                  ws.stats if rules or logprobs else None,
+                                  ws.num_chunks,
+                                  ws.edited_segment_max if rules else None,
+                                  ws.num_segments,
+                                  ws.best,
+                                  ws.best_col,
+                                  ws.arrivals,
+                                  tokens,
+                                  *lp_args,
+                                  next_keys,
+                                  HAS_THRESHOLD=threshold is not None,
+                                  TOP_N_SIGMA=top_n_sigma is not None,
+                                  MIN_P=min_p is not None,
+                                  HAS_SEEDED=seeded_keys is not None,
+                                  HAS_BIAS=bias is not None,
+                                  HAS_PENALTIES=penalties is not None,
+                                  LOGPROBS=logprobs,
+                                  RECORD_COUNTS=record_counts,
+                                  RECORD_KEYS=next_keys is not None,
+                                  KEY_STEP=KEY_STEP,
+                                  KEY_MASK=KEY_MASK,
+                                  TILE=_TILE,
+                                  CHUNK_TILES=_CHUNK_TILES,
+                                  **lp_constants,
+                                  num_warps=_NUM_WARPS)
 
 
 # ------------------------------------------------------------ seeded_log_q
@@ -1155,9 +1225,9 @@ def row_stats(x: torch.Tensor,
     standard deviation of its finite values [N] float32, in one pass."""
     x = _columns_contiguous(x)
     ws = _workspace_of(x)
-    stats, _, _ = _stats(x, ws, None, None, True, sigma, False)
+    _stats(x, ws, None, None, True, sigma, False)
     out = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
-    _row_stats_kernel[(x.shape[0], )](stats,
+    _row_stats_kernel[(x.shape[0], )](ws.stats,
                                       ws.num_chunks,
                                       out[0],
                                       out[1],
@@ -1182,15 +1252,16 @@ def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     logits = _columns_contiguous(logits)
     num_rows, vocab_size = logits.shape
     ws = _workspace_of(logits)
-    stats, _, _ = _stats(logits, ws, None, None, False, False, True)
-    _, *outputs = _host_outputs(num_rows, k, logits.device)
+    _stats(logits, ws, None, None, False, False, True)
+    _, *outputs = _host_outputs(_output_buffer(num_rows, k, logits.device),
+                                num_rows, k)
     lp_args, lp_constants = _logprobs_args(ws, k, tuple(outputs))
     _finish_kernel[(num_rows, )](
         logits,
         logits.stride(0),
         vocab_size,
         token_ids.to(torch.int64).reshape(num_rows).contiguous(),
-        stats,
+        ws.stats,
         ws.num_chunks,
         ws.num_segments,
         *lp_args,
