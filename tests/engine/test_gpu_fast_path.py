@@ -138,6 +138,50 @@ def test_cuda_graphs_replay_decodes(head64_model: Path,
 
 
 @pytest.mark.cuda
+def test_sampler_graphs_sample_what_eager_launches_sample(
+        head64_model: Path) -> None:
+    """Seeded sampling with every fused feature: the sampler's CUDA graphs
+    (a steady batch replays its launches) give the tokens and logprobs of
+    the eager run (fp32)."""
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(5)]
+    params = [
+        SamplingParams(temperature=0.9,
+                       seed=10 + i,
+                       presence_penalty=0.4,
+                       frequency_penalty=0.2,
+                       repetition_penalty=1.2,
+                       logit_bias={7: 1.5},
+                       min_p=0.01,
+                       top_n_sigma=2.5 if i % 2 else None,
+                       logprobs=3,
+                       max_tokens=16,
+                       ignore_eos=True) for i in range(len(prompts))
+    ]
+
+    def run(enforce_eager: bool) -> tuple[list, int]:
+        llm = LLM(str(head64_model),
+                  dtype="float32",
+                  enforce_eager=enforce_eager,
+                  gpu_memory_utilization=0.3)
+        outs = llm.generate([{
+            "prompt_token_ids": p
+        } for p in prompts],
+                            params,
+                            use_tqdm=False)
+        graphs = _runner(llm).sampler.graphs
+        return [(list(o.outputs[0].token_ids), [{
+            token: round(lp.logprob, 4)
+            for token, lp in step.items()
+        } for step in o.outputs[0].logprobs or []])
+                for o in outs], 0 if graphs is None else graphs.captures
+
+    with_graphs, captures = run(False)
+    eager, no_captures = run(True)
+    assert captures >= 1 and no_captures == 0
+    assert with_graphs == eager
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_launching_a_step_never_waits_for_the_device(
         head64_model: Path, enforce_eager: bool) -> None:

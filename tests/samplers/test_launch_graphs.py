@@ -54,6 +54,20 @@ def test_only_the_graphs_used_last_are_kept():
     assert len(captured) == 4 and list(graphs._graphs) == ["c", "a"]
 
 
+def test_a_failed_capture_launches_from_then_on():
+    graphs = LaunchGraphs(capture_at=2)
+
+    def capture(launch: Callable[[], None]) -> RecordedGraph:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs._capture = capture  # type: ignore[method-assign]
+    ran: list[str] = []
+    for key in ["a", "a", "a", "b", "b"]:
+        graphs.run(key, lambda key=key: ran.append(key))
+    assert ran == ["a", "a", "a", "b", "b"]
+    assert graphs.disabled and not graphs._graphs
+
+
 # ------------------------------------------------------------------ on a GPU
 def deterministic_params(num_rows: int,
                          vocab_size: int) -> list[SamplingParams]:

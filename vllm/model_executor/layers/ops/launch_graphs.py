@@ -18,6 +18,10 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
 
 class LaunchGraphs:
     """The graphs of one device's launch sequences, by key.
@@ -32,7 +36,9 @@ class LaunchGraphs:
 
     The caller guarantees that the key determines the launches: the same
     kernels, grids and arguments. In a graph, ``launch`` may neither
-    allocate device memory nor wait for the device.
+    allocate device memory nor wait for the device. A capture that fails
+    (a driver or device that cannot) is logged, and every call launches
+    from then on.
     """
 
     def __init__(self, capacity: int = 8, capture_at: int = 2) -> None:
@@ -43,6 +49,7 @@ class LaunchGraphs:
         self._sightings: dict[Hashable, int] = {}
         self._stream: torch.cuda.Stream | None = None
         self.captures = 0  # graphs captured so far (tests, benchmarks)
+        self.disabled = False  # a capture failed
 
     def run(self,
             key: Hashable,
@@ -51,14 +58,23 @@ class LaunchGraphs:
         entry = self._graphs.get(key)
         if entry is None:
             sightings = self._sightings.get(key, 0) + 1
-            if sightings < self.capture_at:
+            if sightings < self.capture_at or self.disabled:
                 if len(self._sightings) >= 16 * self.capacity:
                     self._sightings.clear()  # keys that did not come back
                 self._sightings[key] = sightings
                 launch()
                 return
             self._sightings.pop(key, None)
-            entry = self._graphs[key] = (self._capture(launch), keep)
+            try:
+                graph = self._capture(launch)
+            except RuntimeError as error:
+                logger.warning(
+                    "Capturing launches as a CUDA graph failed (%s); "
+                    "launching them at every step from now on.", error)
+                self.disabled = True
+                launch()
+                return
+            entry = self._graphs[key] = (graph, keep)
             if len(self._graphs) > self.capacity:
                 self._graphs.popitem(last=False)
         else:
