@@ -137,3 +137,37 @@ def test_replayed_steps_sample_what_launched_steps_sample():
             assert sampler.graphs is not None
             assert sampler.graphs.captures >= 1
     assert results[True] == results[False]
+
+
+@pytest.mark.cuda
+def test_replays_draw_new_noise_and_manual_seed_repeats_it():
+    """Unseeded rows on the same logits at every step: each replay draws a
+    new Philox key (the tokens change from step to step), and
+    ``torch.manual_seed`` before a run makes it repeat exactly."""
+    pytest.importorskip("triton", reason="the fused step needs triton")
+    device = torch.device("cuda")
+    num_rows, vocab_size, num_steps = 32, 32_000, 6
+    params = [
+        SamplingParams(temperature=1.0, min_p=1e-6, logprobs=1)
+        for _ in range(num_rows)
+    ]
+    logits = torch.zeros(num_rows, vocab_size, device=device)  # uniform
+
+    def run() -> tuple[list[list[int]], int]:
+        torch.manual_seed(0)
+        sampler = Sampler(cuda_graphs=True)
+        state = SamplingState(device)
+        steps = []
+        for _ in range(num_steps):
+            md = state.prepare(list(range(num_rows)), params, [None] * num_rows,
+                               [[]] * num_rows, [[1]] * num_rows, vocab_size)
+            out = sampler(logits, md)
+            steps.append(out.to_host()[0])
+        assert sampler.graphs is not None
+        return steps, sampler.graphs.captures
+
+    steps, captures = run()
+    assert captures == 1  # the same key at every step: one graph
+    # 32 draws from 32,000 tokens: equal steps would be a repeated key.
+    assert len({tuple(tokens) for tokens in steps}) == num_steps
+    assert run() == (steps, captures)
