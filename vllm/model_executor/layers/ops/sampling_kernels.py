@@ -827,14 +827,6 @@ def _host_outputs(buffer: torch.Tensor, num_rows: int,
             buffer[num_rows:2 * num_rows])
 
 
-def _top_k_with_torch(x: torch.Tensor, k: int, ids: torch.Tensor,
-                      logprobs: torch.Tensor, lp_stats: torch.Tensor) -> None:
-    """Columns 1..k of the logprobs outputs from torch.topk (large k)."""
-    values, top_ids = x.topk(k, dim=-1)
-    ids[:, 1:] = top_ids
-    logprobs[:, 1:] = ((values.float() - lp_stats[:, :1]) - lp_stats[:, 1:])
-
-
 @dataclass
 class _Workspace:
     """The launches over logits of one shape [N, V]: the grid's chunks per
@@ -963,11 +955,16 @@ def _logprobs_args(ws: _Workspace, num_logprobs: int | None,
 
 
 def _top_k_elsewhere(x: torch.Tensor, ws: _Workspace, num_logprobs: int | None,
-                     outputs: tuple[torch.Tensor, ...]) -> None:
-    """Columns 1..k of the logprobs from torch.topk, past the kernels' k."""
-    k = num_logprobs or 0
-    if k > _MAX_KERNEL_TOP_K:
-        _top_k_with_torch(x, k, outputs[0], outputs[1], ws.lp_stats)
+                     buffer: torch.Tensor) -> None:
+    """Columns 1..k of the logprobs outputs in ``buffer`` from torch.topk,
+    when k is past the kernels' (``_MAX_KERNEL_TOP_K``)."""
+    if num_logprobs is None or num_logprobs <= _MAX_KERNEL_TOP_K:
+        return
+    _, ids, logprobs, _ = _host_outputs(buffer, x.shape[0], num_logprobs)
+    values, top_ids = x.topk(num_logprobs, dim=-1)
+    ids[:, 1:] = top_ids
+    logprobs[:,
+             1:] = ((values.float() - ws.lp_stats[:, :1]) - ws.lp_stats[:, 1:])
 
 
 def _address(arg: torch.Tensor | int | None) -> int | None:
@@ -1044,12 +1041,9 @@ def sample(
                    seeded_index, next_keys, *_edit_args(bias, penalties)))),
             launch,
             keep=ws)
-    num_rows = x.shape[0]
-    if num_logprobs is not None and num_logprobs > _MAX_KERNEL_TOP_K:
-        _, ids, values, _ = _host_outputs(buffer, num_rows, num_logprobs)
-        _top_k_with_torch(x, num_logprobs, ids, values, ws.lp_stats)
+    _top_k_elsewhere(x, ws, num_logprobs, buffer)
     # A copy: the next step's launches write into the same buffer.
-    tokens, *outputs = _host_outputs(buffer.clone(), num_rows, num_logprobs)
+    tokens, *outputs = _host_outputs(buffer.clone(), x.shape[0], num_logprobs)
     if not outputs:
         return tokens, None
     return tokens, (outputs[0], outputs[1], outputs[2])
@@ -1253,8 +1247,8 @@ def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     num_rows, vocab_size = logits.shape
     ws = _workspace_of(logits)
     _stats(logits, ws, None, None, False, False, True)
-    _, *outputs = _host_outputs(_output_buffer(num_rows, k, logits.device),
-                                num_rows, k)
+    buffer = _output_buffer(num_rows, k, logits.device)
+    _, *outputs = _host_outputs(buffer, num_rows, k)
     lp_args, lp_constants = _logprobs_args(ws, k, tuple(outputs))
     _finish_kernel[(num_rows, )](
         logits,
@@ -1267,7 +1261,7 @@ def topk_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
         *lp_args,
         **lp_constants,
         num_warps=_NUM_WARPS)
-    _top_k_elsewhere(logits, ws, k, tuple(outputs))
+    _top_k_elsewhere(logits, ws, k, buffer)
     ids, values, ranks = outputs
     return ids, values, ranks
 
